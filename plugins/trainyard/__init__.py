@@ -1,0 +1,1 @@
+"""Trainyard: YAML-defined training pipelines for Apache Airflow (the Airflow-side package)."""

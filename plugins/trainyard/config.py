@@ -1,0 +1,285 @@
+"""Load pipeline and environment YAML into one typed, resolved pipeline per (file, environment)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from trainer.spec import DataSpec, Hyperparameters, MlflowSpec, RunIdentity, RunSpec
+from trainyard import paths
+from trainyard.config_errors import ConfigError, Loc, Problem, problems_from_validation, suggest_key
+from trainyard.environment_schema import EnvironmentConfig
+from trainyard.pipeline_schema import PipelineConfig
+from trainyard.yaml_source import line_index, nearest_line, read_mapping
+
+ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: Fields an environment override may not touch: they define which DAG this is.
+NOT_OVERRIDABLE_PER_ENV = ("name", "environments")
+
+
+def _locator(text: str, prefix: Loc = ()) -> Any:
+    index: dict[Loc, int] | None = None
+
+    def locate(loc: Loc) -> tuple[Loc, int | None]:
+        nonlocal index
+        if index is None:
+            index = line_index(text)
+        full = (*prefix, *loc)
+        return full, nearest_line(index, full)
+
+    return locate
+
+
+# --------------------------------------------------------------------------- environments
+
+
+def _expand_env_vars(value: Any, path: Path, loc: Loc = ()) -> Any:
+    """Expand ${VAR} in string values; TRAINYARD_HOME defaults to the project's state directory."""
+    if isinstance(value, dict):
+        return {k: _expand_env_vars(v, path, (*loc, k)) for k, v in value.items()}
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name == "TRAINYARD_HOME":
+            return str(paths.trainyard_home())
+        if name not in os.environ:
+            raise ConfigError(
+                path,
+                [Problem(".".join(map(str, loc)), f"environment variable ${{{name}}} is not set", None,
+                         f"export {name}=... before starting Airflow")],
+            )
+        return os.environ[name]
+
+    return ENV_VAR.sub(substitute, value)
+
+
+def available_environments(environments_dir: Path | None = None) -> list[str]:
+    directory = environments_dir or paths.environments_dir()
+    return sorted(p.stem for p in directory.glob("*.yaml"))
+
+
+def load_environment(name: str | None = None, environments_dir: Path | None = None) -> EnvironmentConfig:
+    name = name or paths.environment_name()
+    directory = environments_dir or paths.environments_dir()
+    path = directory / f"{name}.yaml"
+    if not path.exists():
+        known = available_environments(directory)
+        raise ConfigError(
+            path,
+            [Problem("", f"unknown environment '{name}' (TRAINYARD_ENV)", None, suggest_key(name, known))],
+        )
+    raw, text = read_mapping(path)
+    raw = _expand_env_vars(raw, path)
+    raw.setdefault("name", name)
+    try:
+        env = EnvironmentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(path, problems_from_validation(exc, EnvironmentConfig, _locator(text))) from None
+    if env.name != name:
+        raise ConfigError(path, [Problem("name", f"'{env.name}' does not match the file name '{name}.yaml'")])
+    return env
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _has_path(data: Any, loc: Loc) -> bool:
+    for part in loc:
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def join_uri(root: str, location: str) -> str:
+    """Resolve a pipeline location against an environment root (absolute ones stay as written)."""
+    if "://" in location or location.startswith("/"):
+        return location.removeprefix("file://")
+    if root.startswith("s3://"):
+        return f"{root.rstrip('/')}/{location.lstrip('./')}"
+    return str(Path(root) / location)
+
+
+@dataclass(frozen=True)
+class ResolvedPipeline:
+    """A pipeline as it runs in one environment: overrides applied, locations absolute."""
+
+    config: PipelineConfig
+    environment: EnvironmentConfig
+    source: Path
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def schedule(self) -> str | None:
+        return self.config.schedule if self.environment.airflow.schedules_enabled else None
+
+    def _naming(self, template: str) -> str:
+        return template.format(
+            pipeline=self.name, environment=self.environment.name, team=self.config.team
+        )
+
+    @property
+    def experiment_name(self) -> str:
+        return self._naming(self.environment.mlflow.experiment_name)
+
+    @property
+    def registered_model_name(self) -> str:
+        return self._naming(self.environment.mlflow.registered_model_name)
+
+    @cached_property
+    def data_spec(self) -> DataSpec:
+        ds = self.config.dataset
+        root = self.environment.storage.data_root
+        return DataSpec(
+            train_uri=join_uri(root, ds.train),
+            validation_uri=join_uri(root, ds.validation),
+            format=ds.resolved_format,
+            text_column=ds.text_column,
+            label_column=ds.label_column,
+            label_names=ds.label_names,
+        )
+
+    @property
+    def model_base(self) -> str:
+        base = self.config.model.base
+        return base if base.startswith("hf://") else join_uri(self.environment.storage.models_root, base)
+
+    def checkpoint_dir(self, run_id: str) -> str:
+        safe_run = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id)
+        return join_uri(self.environment.storage.checkpoint_root, f"{self.name}/{safe_run}")
+
+    def run_spec(
+        self,
+        *,
+        run_id: str,
+        try_number: int,
+        hyperparameters: Hyperparameters,
+        dataset_fingerprint: str,
+        validation_report: dict[str, Any] | None = None,
+    ) -> RunSpec:
+        env = self.environment
+        return RunSpec(
+            identity=RunIdentity(
+                pipeline=self.name,
+                environment=env.name,
+                dag_id=self.name,
+                run_id=run_id,
+                try_number=try_number,
+            ),
+            data=self.data_spec,
+            dataset_fingerprint=dataset_fingerprint,
+            model=self.config.model.model_copy(update={"base": self.model_base}),
+            hyperparameters=hyperparameters,
+            mlflow=MlflowSpec(
+                tracking_uri=env.mlflow.tracking_uri,
+                experiment_name=self.experiment_name,
+                artifact_location=env.mlflow.artifact_location,
+            ),
+            checkpoint_dir=self.checkpoint_dir(run_id),
+            s3_endpoint_url=env.storage.s3_endpoint_url,
+            keep_checkpoints=env.storage.keep_checkpoints,
+            validation_report=validation_report,
+        )
+
+
+def load_pipeline(path: Path, environment: EnvironmentConfig, known_environments: list[str]) -> ResolvedPipeline:
+    raw, text = read_mapping(path)
+    overrides = raw.get("environments") or {}
+    problems: list[Problem] = []
+    if isinstance(overrides, dict):
+        for env_name, override in overrides.items():
+            loc: Loc = ("environments", str(env_name))
+            if env_name not in known_environments:
+                line = nearest_line(line_index(text), loc)
+                problems.append(
+                    Problem(".".join(loc), "no such environment", line, suggest_key(str(env_name), known_environments))
+                )
+            elif not isinstance(override, dict):
+                problems.append(Problem(".".join(loc), "must be a mapping of fields to override"))
+            else:
+                for key in NOT_OVERRIDABLE_PER_ENV:
+                    if key in override:
+                        line = nearest_line(line_index(text), (*loc, key))
+                        problems.append(Problem(f"{'.'.join(loc)}.{key}", "cannot differ per environment", line))
+    if problems:
+        raise ConfigError(path, problems)
+
+    override = overrides.get(environment.name, {}) if isinstance(overrides, dict) else {}
+    merged = _deep_merge(raw, override)
+    base_locate = _locator(text)
+    override_locate = _locator(text, ("environments", environment.name))
+
+    def locate(loc: Loc) -> tuple[Loc, int | None]:
+        return override_locate(loc) if _has_path(override, loc) else base_locate(loc)
+
+    try:
+        config = PipelineConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(path, problems_from_validation(exc, PipelineConfig, locate)) from None
+    if config.name != path.stem:
+        raise ConfigError(
+            path,
+            [Problem("name", f"'{config.name}' does not match the file name", base_locate(("name",))[1],
+                     f"rename the file to {config.name}.yaml or set name: {path.stem}")],
+        )
+    return ResolvedPipeline(config=config, environment=environment, source=path)
+
+
+def pipeline_files(pipelines_dir: Path | None = None) -> list[Path]:
+    directory = pipelines_dir or paths.pipelines_dir()
+    return sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")])
+
+
+def load_pipelines(
+    environment: EnvironmentConfig,
+    pipelines_dir: Path | None = None,
+    environments_dir: Path | None = None,
+) -> tuple[list[ResolvedPipeline], list[ConfigError]]:
+    """Every pipeline that loads, and every file that does not: a bad file never hides the good ones."""
+    known = available_environments(environments_dir)
+    good: list[ResolvedPipeline] = []
+    errors: list[ConfigError] = []
+    for path in pipeline_files(pipelines_dir):
+        try:
+            good.append(load_pipeline(path, environment, known))
+        except ConfigError as exc:
+            errors.append(exc)
+    return good, errors
+
+
+def iter_lint(
+    pipelines_dir: Path | None = None, environments_dir: Path | None = None
+) -> Iterator[tuple[str, ConfigError]]:
+    """(environment, error) for every problem across all environments; used by ``trainyard lint``."""
+    for env_name in available_environments(environments_dir):
+        try:
+            env = load_environment(env_name, environments_dir)
+        except ConfigError as exc:
+            yield env_name, exc
+            continue
+        _, errors = load_pipelines(env, pipelines_dir, environments_dir)
+        for error in errors:
+            yield env_name, error

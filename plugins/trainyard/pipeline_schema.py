@@ -1,0 +1,169 @@
+"""Schema of ``dags/pipelines/<name>.yaml``: what a model owner writes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from trainer.spec import EVAL_METRICS, Hyperparameters, ModelSpec
+
+PIPELINE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+AIRFLOW_PRESETS = ("@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
+URI_SCHEMES = ("s3://", "file://")
+K8S_QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def check_uri(value: str) -> str:
+    """A dataset location: s3://bucket/key, file:// or a local path (relative = under the data root)."""
+    if "://" in value and not value.startswith(URI_SCHEMES):
+        scheme = value.split("://", 1)[0]
+        raise ValueError(f"unsupported URI scheme '{scheme}://'; use s3://bucket/key or a local path")
+    if value.startswith("s3://"):
+        bucket, _, key = value[len("s3://") :].partition("/")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket) or not key:
+            raise ValueError(f"'{value}' is not a valid s3:// URI; expected s3://<bucket>/<key>")
+    return value
+
+
+def file_format(uri: str) -> Literal["csv", "parquet"] | None:
+    suffix = PurePosixPath(uri).suffix.lower()
+    return {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}.get(suffix)  # type: ignore[return-value]
+
+
+class DataChecks(_Strict):
+    """Thresholds for ``validate_data``; a run stops before training when any is breached."""
+
+    min_rows: int = Field(100, ge=1, description="Minimum rows in the training split.")
+    min_validation_rows: int = Field(20, ge=1, description="Minimum rows in the validation split.")
+    max_null_fraction: float = Field(0.0, ge=0, le=1, description="Rows with a null text or label.")
+    max_empty_text_fraction: float = Field(0.01, ge=0, le=1, description="Rows whose text is blank.")
+    min_class_share: float = Field(0.05, ge=0, lt=1, description="Each label's minimum share of rows.")
+    max_duplicate_fraction: float = Field(0.05, ge=0, le=1, description="Repeated texts within a split.")
+    max_overlap_fraction: float = Field(
+        0.0, ge=0, le=1, description="Validation texts also in train (leakage)."
+    )
+
+
+class DatasetConfig(_Strict):
+    train: str = Field(min_length=1, description="Training split: s3:// URI or path (relative = data root).")
+    validation: str = Field(min_length=1, description="Validation split, same forms as train.")
+    format: Literal["csv", "parquet"] | None = Field(None, description="Inferred from the file extension.")
+    text_column: str = Field("text", min_length=1)
+    label_column: str = Field("label", min_length=1)
+    label_names: tuple[str, ...] = Field(min_length=2, description="Label values, in class-id order.")
+    checks: DataChecks = DataChecks()
+
+    @field_validator("train", "validation")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return check_uri(value)
+
+    @model_validator(mode="after")
+    def _format_known(self) -> DatasetConfig:
+        if self.format is None:
+            formats = {file_format(self.train), file_format(self.validation)}
+            if None in formats or len(formats) != 1:
+                raise ValueError(
+                    "cannot infer the file format from the extensions of train/validation; "
+                    "set dataset.format to csv or parquet"
+                )
+        if len(set(self.label_names)) != len(self.label_names):
+            raise ValueError("dataset.label_names must be unique")
+        return self
+
+    @property
+    def resolved_format(self) -> Literal["csv", "parquet"]:
+        return self.format or file_format(self.train)  # type: ignore[return-value]
+
+
+class Resources(_Strict):
+    gpus: int = Field(1, ge=0, le=64, description="GPUs per training pod (torchrun when > 1).")
+    gpu_type: str | None = Field(None, description="Key into the environment's GPU node-selector map.")
+    cpu: str = Field("4", description="CPU request and limit (Kubernetes quantity).")
+    memory: str = Field("16Gi", description="Memory request and limit (Kubernetes quantity).")
+    shm_size: str = Field("2Gi", description="Size of /dev/shm for data-loader workers.")
+
+    @field_validator("cpu", "memory", "shm_size", mode="before")
+    @classmethod
+    def _quantity(cls, value: Any) -> str:
+        text = str(value)
+        if not K8S_QUANTITY.match(text):
+            raise ValueError(f"'{text}' is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)")
+        return text
+
+
+class Promotion(_Strict):
+    metric: str = Field("eval_f1_macro", description=f"One of: {', '.join(EVAL_METRICS)}.")
+    min_value: float | None = Field(None, description="The candidate must reach this value at least.")
+    min_improvement: float = Field(0.0, ge=0, description="Required margin over the current champion.")
+    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        if value not in EVAL_METRICS:
+            raise ValueError(f"unknown metric '{value}'; the trainer reports: {', '.join(EVAL_METRICS)}")
+        return value
+
+    @property
+    def direction(self) -> Literal["max", "min"]:
+        return EVAL_METRICS[self.metric]
+
+
+class PipelineConfig(_Strict):
+    name: str = Field(description="The DAG id; lowercase letters, digits and dashes.")
+    description: str = ""
+    owner: str = Field(min_length=1, description="Person or mailbox accountable for the model.")
+    team: str = Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9-]*$")
+    schedule: str | None = Field(None, description="Cron expression, Airflow preset, or null (manual).")
+    dataset: DatasetConfig
+    model: ModelSpec
+    training: Hyperparameters = Hyperparameters()
+    resources: Resources = Resources()
+    promotion: Promotion = Promotion()
+    overridable: tuple[str, ...] = Field((), description="Hyperparameters a trigger may override.")
+    environments: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-environment overrides, merged over this file."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _dns_name(cls, value: str) -> str:
+        if not PIPELINE_NAME.match(value):
+            raise ValueError(
+                f"'{value}' is not a valid pipeline name; use lowercase letters, digits and dashes "
+                "(at most 63 characters, starting and ending with a letter or digit)"
+            )
+        return value
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        if value is None or value.startswith("@"):
+            if value is not None and value not in AIRFLOW_PRESETS:
+                raise ValueError(f"unknown preset '{value}'; use one of {', '.join(AIRFLOW_PRESETS)}")
+            return value
+        from croniter import croniter
+
+        if not croniter.is_valid(value):
+            raise ValueError(f"'{value}' is not a valid cron expression (e.g. '0 3 * * 1')")
+        return value
+
+    @field_validator("overridable")
+    @classmethod
+    def _overridable_fields(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        allowed = Hyperparameters.model_fields
+        for name in names:
+            if name not in allowed:
+                raise ValueError(
+                    f"'{name}' cannot be overridden at trigger time; only training hyperparameters "
+                    f"can: {', '.join(allowed)}"
+                )
+        return names

@@ -1,0 +1,141 @@
+"""The trainer's input contract: everything ``python -m trainer`` accepts, as one JSON document.
+
+This module is the single source of truth for what a training run may be told. It imports only
+pydantic so the Airflow side (which has no torch) validates pipelines and trigger-time overrides
+against the very same models at parse time (DESIGN.md principle 7).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SPEC_VERSION = 1
+
+#: Metrics the trainer reports for the validation split, with the direction that is better.
+#: Promotion rules may only name these, so a typo is caught when the YAML is loaded.
+EVAL_METRICS: dict[str, Literal["max", "min"]] = {
+    "eval_accuracy": "max",
+    "eval_f1_macro": "max",
+    "eval_loss": "min",
+}
+
+#: The artifact path under the MLflow run where the trained model is logged.
+MODEL_ARTIFACT = "model"
+
+_FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Hyperparameters(_Strict):
+    """Training knobs. Pipelines may expose a subset of these to trigger-time overrides."""
+
+    epochs: float = Field(1.0, gt=0, le=100, description="Passes over the training split.")
+    max_steps: int | None = Field(
+        None, ge=1, le=10_000_000, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    learning_rate: float = Field(5e-5, gt=0, le=1, description="Peak learning rate (AdamW).")
+    batch_size: int = Field(32, ge=1, le=4096, description="Examples per device per step.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps spent warming up.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Random seed for data order and init.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."
+    )
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Steps per optimizer update.")
+    checkpoint_every_steps: int = Field(
+        200, ge=1, le=1_000_000, description="Save a resumable checkpoint every N optimizer steps."
+    )
+
+
+class ModelSpec(_Strict):
+    """The base model to fine-tune."""
+
+    base: str = Field(
+        min_length=1,
+        description="Local directory, s3:// prefix, or hf://<org>/<name> for a Hub model id.",
+    )
+    max_length: int = Field(128, ge=8, le=8192, description="Tokens per example after truncation.")
+
+
+class DataSpec(_Strict):
+    """Where the resolved dataset lives and how to read it."""
+
+    train_uri: str = Field(min_length=1)
+    validation_uri: str = Field(min_length=1)
+    format: Literal["csv", "parquet"]
+    text_column: str = Field(min_length=1)
+    label_column: str = Field(min_length=1)
+    label_names: tuple[str, ...] = Field(min_length=2)
+
+    @field_validator("label_names")
+    @classmethod
+    def _unique_labels(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"label names must be unique; repeated: {', '.join(duplicates)}")
+        return names
+
+
+class MlflowSpec(_Strict):
+    tracking_uri: str = Field(min_length=1)
+    experiment_name: str = Field(min_length=1)
+    artifact_location: str | None = Field(
+        None, description="Only for a new experiment on a local store; servers choose their own."
+    )
+
+
+class RunIdentity(_Strict):
+    """Who asked for this run; written to MLflow tags so promotion can find the run again."""
+
+    pipeline: str = Field(min_length=1)
+    environment: str = Field(min_length=1)
+    dag_id: str = Field(min_length=1)
+    run_id: str = Field(min_length=1)
+    try_number: int = Field(1, ge=0)
+
+
+class RunSpec(_Strict):
+    """One training run, fully resolved: nothing in it is looked up again by the trainer."""
+
+    spec_version: Literal[1] = SPEC_VERSION
+    identity: RunIdentity
+    data: DataSpec
+    dataset_fingerprint: str
+    model: ModelSpec
+    hyperparameters: Hyperparameters
+    mlflow: MlflowSpec
+    checkpoint_dir: str = Field(min_length=1, description="Directory for this DAG run's checkpoints.")
+    s3_endpoint_url: str | None = None
+    keep_checkpoints: bool = Field(False, description="Keep checkpoints after a successful run.")
+    validation_report: dict | None = Field(None, description="Logged as an MLflow artifact.")
+
+    @field_validator("dataset_fingerprint")
+    @classmethod
+    def _fingerprint_format(cls, value: str) -> str:
+        if not _FINGERPRINT.match(value):
+            raise ValueError("must look like 'sha256:<64 hex digits>'")
+        return value
+
+    @model_validator(mode="after")
+    def _checkpoint_not_in_data(self) -> RunSpec:
+        if self.checkpoint_dir.rstrip("/") in {self.data.train_uri, self.data.validation_uri}:
+            raise ValueError("checkpoint_dir must not be a dataset file")
+        return self
+
+
+def run_tags(identity: RunIdentity, dataset_fingerprint: str) -> dict[str, str]:
+    """The MLflow run tags fixed by DESIGN.md; promotion searches by them."""
+    return {
+        "trainyard.pipeline": identity.pipeline,
+        "trainyard.environment": identity.environment,
+        "trainyard.dataset_fingerprint": dataset_fingerprint,
+        "airflow.dag_id": identity.dag_id,
+        "airflow.run_id": identity.run_id,
+        "airflow.try_number": str(identity.try_number),
+    }
