@@ -205,6 +205,36 @@ class ResolvedPipeline:
         )
 
 
+def environment_limits(config: PipelineConfig, environment: EnvironmentConfig) -> list[tuple[Loc, str, str]]:
+    """(field path, problem, fix) where the pipeline asks for more than the environment allows."""
+    k8s = environment.kubernetes
+    if k8s is None:
+        return []
+    from kubernetes.utils.quantity import parse_quantity
+
+    found: list[tuple[Loc, str, str]] = []
+    res = config.resources
+    if res.gpus > k8s.caps.gpus:
+        found.append(
+            (("resources", "gpus"), f"{res.gpus} GPUs exceed the cap of {k8s.caps.gpus} in '{environment.name}'",
+             f"ask for at most {k8s.caps.gpus} or ask the platform team to raise caps.gpus")
+        )
+    for field in ("cpu", "memory", "shm_size"):
+        wanted, cap = getattr(res, field), getattr(k8s.caps, field)
+        if parse_quantity(wanted) > parse_quantity(cap):
+            found.append(
+                (("resources", field), f"{wanted} exceeds the cap of {cap} in '{environment.name}'",
+                 f"ask for at most {cap}")
+            )
+    if res.gpu_type is not None and res.gpu_type not in k8s.gpu_node_selectors:
+        known = list(k8s.gpu_node_selectors)
+        found.append(
+            (("resources", "gpu_type"), f"unknown GPU type '{res.gpu_type}' in '{environment.name}'",
+             suggest_key(res.gpu_type, known) or "this environment maps no GPU types")
+        )
+    return found
+
+
 def load_pipeline(path: Path, environment: EnvironmentConfig, known_environments: list[str]) -> ResolvedPipeline:
     raw, text = read_mapping(path)
     overrides = raw.get("environments") or {}
@@ -239,6 +269,13 @@ def load_pipeline(path: Path, environment: EnvironmentConfig, known_environments
         config = PipelineConfig.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(path, problems_from_validation(exc, PipelineConfig, locate)) from None
+    problems = [
+        Problem(".".join(map(str, rep)), message, line, hint)
+        for loc, message, hint in environment_limits(config, environment)
+        for rep, line in [locate(loc)]
+    ]
+    if problems:
+        raise ConfigError(path, problems)
     if config.name != path.stem:
         raise ConfigError(
             path,

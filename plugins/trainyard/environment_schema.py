@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from trainyard.pipeline_schema import K8S_QUANTITY
 
 NAMING_FIELDS = ("pipeline", "environment", "team")
 
@@ -49,9 +52,103 @@ class Storage(_Strict):
     keep_checkpoints: bool = Field(False, description="Keep checkpoints after a successful run.")
 
 
+DNS_LABEL = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$"
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+PINNED_IMAGE = re.compile(r"^[^\s@]+(@sha256:[0-9a-f]{64}|:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})$")
+
+
+class SecretKey(_Strict):
+    secret: str = Field(pattern=DNS_SUBDOMAIN, description="Name of the Kubernetes Secret.")
+    key: str = Field(min_length=1, description="Key inside the Secret.")
+
+
+class Secrets(_Strict):
+    """Credentials reach the pod only as references to Kubernetes Secrets, never as values."""
+
+    env_from: tuple[str, ...] = Field((), description="Secrets whose keys all become env vars (envFrom).")
+    env: dict[str, SecretKey] = Field(default_factory=dict, description="ENV_VAR -> secretKeyRef.")
+
+    @field_validator("env_from")
+    @classmethod
+    def _names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            if not re.match(DNS_SUBDOMAIN, name):
+                raise ValueError(f"'{name}' is not a valid Secret name")
+        return names
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, SecretKey]) -> dict[str, SecretKey]:
+        for name in env:
+            if not re.match(ENV_NAME, name):
+                raise ValueError(f"'{name}' is not a valid environment variable name")
+        return env
+
+
+class Toleration(_Strict):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class Caps(_Strict):
+    """The most one training pod may ask for here; pipelines above it fail to load."""
+
+    gpus: int = Field(8, ge=0, le=64)
+    cpu: str = "64"
+    memory: str = "512Gi"
+    shm_size: str = "64Gi"
+
+    @field_validator("cpu", "memory", "shm_size")
+    @classmethod
+    def _quantity(cls, value: str) -> str:
+        if not K8S_QUANTITY.match(value):
+            raise ValueError(f"'{value}' is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)")
+        return value
+
+
+class KubernetesSettings(_Strict):
+    namespace: str = Field(pattern=DNS_LABEL)
+    image: str = Field(description="Trainer image, pinned by tag (not 'latest') or by digest.")
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
+    service_account: str = Field(pattern=DNS_SUBDOMAIN)
+    priority_class: str = Field(pattern=DNS_SUBDOMAIN)
+    gpu_node_selectors: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="Pipeline gpu_type -> node selector labels."
+    )
+    tolerations: tuple[Toleration, ...] = ()
+    secrets: Secrets = Secrets()
+    caps: Caps = Caps()
+    run_as_user: int = Field(1000, ge=1, description="Must match the trainer image's user.")
+    run_as_group: int = Field(1000, ge=1)
+    startup_timeout_seconds: int = Field(600, ge=10, le=86_400)
+    termination_grace_period_seconds: int = Field(300, ge=10, le=3600)
+    max_preemption_relaunches: int = Field(3, ge=0, le=50)
+    deferrable: bool = False
+    on_finish_action: Literal["delete_pod", "delete_succeeded_pod", "keep_pod"] = "delete_pod"
+    connection_id: str = Field("kubernetes_default", description="Airflow connection to the cluster.")
+    in_cluster: bool | None = Field(None, description="None = as the Airflow connection says.")
+
+    @field_validator("image")
+    @classmethod
+    def _pinned(cls, value: str) -> str:
+        if not PINNED_IMAGE.match(value) or value.endswith(":latest"):
+            raise ValueError(f"image '{value}' must be pinned by a tag other than 'latest' or by @sha256 digest")
+        return value
+
+
 class EnvironmentConfig(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]*$")
     launcher: Literal["local", "kubernetes"]
     airflow: AirflowDefaults = AirflowDefaults()
     mlflow: MlflowSettings
     storage: Storage
+    kubernetes: KubernetesSettings | None = Field(None, description="Required when launcher is kubernetes.")
+
+    @model_validator(mode="after")
+    def _kubernetes_when_needed(self) -> EnvironmentConfig:
+        if self.launcher == "kubernetes" and self.kubernetes is None:
+            raise ValueError("launcher 'kubernetes' needs a 'kubernetes' section (namespace, image, ...)")
+        return self

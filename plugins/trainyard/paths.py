@@ -17,12 +17,12 @@ def dags_dir() -> Path:
     return Path(os.environ.get("AIRFLOW__CORE__DAGS_FOLDER") or project_root() / "dags")
 
 
-def pipelines_dir() -> Path:
-    return Path(os.environ.get("TRAINYARD_PIPELINES_DIR") or dags_dir() / "pipelines")
+def pipelines_dir(dags_folder: Path | None = None) -> Path:
+    return Path(os.environ.get("TRAINYARD_PIPELINES_DIR") or (dags_folder or dags_dir()) / "pipelines")
 
 
-def environments_dir() -> Path:
-    return Path(os.environ.get("TRAINYARD_ENVIRONMENTS_DIR") or dags_dir() / "environments")
+def environments_dir(dags_folder: Path | None = None) -> Path:
+    return Path(os.environ.get("TRAINYARD_ENVIRONMENTS_DIR") or (dags_folder or dags_dir()) / "environments")
 
 
 def trainyard_home() -> Path:

@@ -1,0 +1,113 @@
+"""``trainyard``: lint pipelines, prepare the demo, summarise the latest run.
+
+Machine-readable output goes to stdout; logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from trainyard import paths
+from trainyard.config import (
+    ResolvedPipeline,
+    available_environments,
+    iter_lint,
+    load_environment,
+    load_pipeline,
+    pipeline_files,
+)
+from trainyard.config_errors import ConfigError
+
+log = logging.getLogger("trainyard")
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    failures = list(iter_lint(args.pipelines_dir, args.environments_dir))
+    for env_name, error in failures:
+        print(f"[{env_name}] {error}", file=sys.stderr)
+    files = pipeline_files(args.pipelines_dir)
+    envs = available_environments(args.environments_dir)
+    if failures:
+        print(f"{len(failures)} file/environment combination(s) failed", file=sys.stderr)
+        return 1
+    print(f"OK: {len(files)} pipeline(s) valid in {len(envs)} environment(s): {', '.join(envs)}")
+    return 0
+
+
+def _pipeline(name: str, env_name: str | None) -> ResolvedPipeline:
+    env = load_environment(env_name)
+    path = paths.pipelines_dir() / f"{name}.yaml"
+    return load_pipeline(path, env, available_environments())
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from trainyard.overrides import param_schemas
+
+    schemas = param_schemas(_pipeline(args.pipeline, args.env))
+    print(json.dumps({"type": "object", "properties": schemas, "additionalProperties": False}, indent=2))
+    return 0
+
+
+def cmd_prepare_demo(args: argparse.Namespace) -> int:
+    from trainyard.demo import prepare_model, prepare_tweets
+
+    env = load_environment(args.env)
+    for root in (env.storage.data_root, env.storage.models_root):
+        if "://" in root:
+            print(f"prepare-demo writes local files; environment '{env.name}' uses {root}", file=sys.stderr)
+            return 2
+    train, validation = prepare_tweets(Path(env.storage.data_root))
+    model = prepare_model(Path(env.storage.models_root))
+    print(json.dumps({"train": str(train), "validation": str(validation), "model": str(model)}))
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from trainyard.summary import latest_summary
+
+    pipeline = _pipeline(args.pipeline, args.env)
+    text = latest_summary(pipeline)
+    print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainyard", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    lint = sub.add_parser("lint", help="validate every pipeline against every environment")
+    lint.add_argument("--pipelines-dir", type=Path, default=None)
+    lint.add_argument("--environments-dir", type=Path, default=None)
+    lint.set_defaults(func=cmd_lint)
+
+    for name, func, helptext in (
+        ("params", cmd_params, "print the JSON schema of a pipeline's trigger conf"),
+        ("summary", cmd_summary, "summarise a pipeline's latest run from MLflow"),
+    ):
+        command = sub.add_parser(name, help=helptext)
+        command.add_argument("pipeline")
+        command.add_argument("--env", default=None, help="environment (default: $TRAINYARD_ENV or local)")
+        command.set_defaults(func=func)
+
+    demo = sub.add_parser("prepare-demo", help="write the demo tweets and base model under the local roots")
+    demo.add_argument("--env", default=None)
+    demo.set_defaults(func=cmd_prepare_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

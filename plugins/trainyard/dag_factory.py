@@ -1,0 +1,154 @@
+"""One Airflow DAG per pipeline YAML, for the environment named by TRAINYARD_ENV.
+
+A pipeline file that fails to load never hides the others: it becomes a paused placeholder DAG
+whose docs and only task carry the error, so the owner sees it in the Airflow UI, and the error
+is also emitted as a warning (kept by the DAG processor with the file).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import DAG, BaseOperator, Context, Param
+from airflow.sdk.exceptions import AirflowFailException
+
+from trainyard import paths
+from trainyard.config import ResolvedPipeline, load_environment, load_pipelines
+from trainyard.config_errors import ConfigError
+from trainyard.environment_schema import EnvironmentConfig
+from trainyard.operators import (
+    PROMOTE_TASK,
+    TRAIN_TASK,
+    VALIDATE_TASK,
+    LocalTrainOperator,
+    PromoteOperator,
+    ValidateDataOperator,
+)
+from trainyard.overrides import param_schemas
+
+START_DATE = datetime(2024, 1, 1, tzinfo=timezone.utc)
+INVALID_TAG = "trainyard:invalid"
+
+
+class TrainyardConfigWarning(UserWarning):
+    """A pipeline file that could not be loaded; its DAG is replaced by a placeholder."""
+
+
+class ConfigErrorOperator(BaseOperator):
+    """The only task of a placeholder DAG: fails with the configuration error."""
+
+    ui_color = "#fde8e8"
+
+    def __init__(self, *, message: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.message = message
+
+    def execute(self, context: Context) -> None:
+        raise AirflowFailException(self.message)
+
+
+def _doc_md(pipeline: ResolvedPipeline) -> str:
+    cfg = pipeline.config
+    data = pipeline.data_spec
+    rule = cfg.promotion
+    hp = cfg.training.model_dump()
+    overridable = ", ".join(f"`{name}`" for name in cfg.overridable) or "none"
+    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in hp.items())
+    threshold = f", at least {rule.min_value}" if rule.min_value is not None else ""
+    return f"""### {cfg.name}
+
+{cfg.description}
+
+* **Owner:** {cfg.owner} (team `{cfg.team}`) · **environment:** `{pipeline.environment.name}`
+  · **schedule:** `{pipeline.schedule}` · **source:** `{pipeline.source.name}`
+* **Data:** `{data.train_uri}` / `{data.validation_uri}` ({data.format}; text `{data.text_column}`,
+  label `{data.label_column}`: {", ".join(data.label_names)})
+* **Model:** `{pipeline.model_base}` (max {cfg.model.max_length} tokens)
+* **Promotion:** `{rule.metric}` ({rule.direction}imise){threshold}, beating the champion by
+  at least {rule.min_improvement}; alias `{rule.alias}` on `{pipeline.registered_model_name}`
+* **Overridable at trigger time:** {overridable}
+
+| hyperparameter | value |
+| --- | --- |
+{rows}
+"""
+
+
+def build_dag(pipeline: ResolvedPipeline) -> DAG:
+    cfg = pipeline.config
+    airflow = pipeline.environment.airflow
+    params = {name: Param(**schema) for name, schema in param_schemas(pipeline).items()}
+    dag = DAG(
+        dag_id=cfg.name,
+        description=(cfg.description or f"Trainyard pipeline {cfg.name}")[:200],
+        schedule=pipeline.schedule,
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=1,
+        tags=["trainyard", f"team:{cfg.team}", f"env:{pipeline.environment.name}"],
+        doc_md=_doc_md(pipeline),
+        params=params,
+        default_args={
+            "owner": cfg.owner,
+            "retries": airflow.retries,
+            "retry_delay": timedelta(minutes=airflow.retry_delay_minutes),
+        },
+    )
+    with dag:
+        validate = ValidateDataOperator(task_id=VALIDATE_TASK, pipeline=pipeline)
+        train = _train_operator(pipeline)
+        promote = PromoteOperator(task_id=PROMOTE_TASK, pipeline=pipeline)
+        validate >> train >> promote
+    return dag
+
+
+def _train_operator(pipeline: ResolvedPipeline) -> BaseOperator:
+    timeout = timedelta(minutes=pipeline.environment.airflow.execution_timeout_minutes)
+    if pipeline.environment.launcher == "local":
+        return LocalTrainOperator(task_id=TRAIN_TASK, pipeline=pipeline, execution_timeout=timeout)
+    from trainyard.kubernetes_train import KubernetesTrainOperator
+
+    return KubernetesTrainOperator(task_id=TRAIN_TASK, pipeline=pipeline, execution_timeout=timeout)
+
+
+def placeholder_dag_id(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem) or "unnamed"
+
+
+def build_error_dag(error: ConfigError, environment: EnvironmentConfig) -> DAG:
+    message = f"This pipeline file could not be loaded and will not run until it is fixed.\n\n{error}"
+    dag = DAG(
+        dag_id=placeholder_dag_id(error.file),
+        description=f"INVALID: {error.file.name}: {error.problems[0].render() if error.problems else ''}"[:200],
+        schedule=None,
+        start_date=START_DATE,
+        catchup=False,
+        is_paused_upon_creation=True,
+        tags=["trainyard", INVALID_TAG, f"env:{environment.name}"],
+        doc_md=f"### Invalid pipeline file `{error.file.name}`\n\n```\n{error}\n```\n\n"
+        "Run `trainyard lint` to check every pipeline against every environment.",
+    )
+    with dag:
+        ConfigErrorOperator(task_id="config_error", message=message)
+    return dag
+
+
+def build_dags(dags_folder: Path | None = None, environment: str | None = None) -> dict[str, DAG]:
+    """{dag_id: DAG} for every pipeline file; broken files become placeholders (see module doc)."""
+    pipelines_dir = paths.pipelines_dir(dags_folder)
+    environments_dir = paths.environments_dir(dags_folder)
+    env = load_environment(environment, environments_dir)  # a broken environment is an import error
+    good, errors = load_pipelines(env, pipelines_dir, environments_dir)
+    dags: dict[str, DAG] = {}
+    for pipeline in good:
+        dags[pipeline.name] = build_dag(pipeline)
+    for error in errors:
+        warnings.warn(str(error), TrainyardConfigWarning, stacklevel=2)
+        dag_id = placeholder_dag_id(error.file)
+        if dag_id not in dags:
+            dags[dag_id] = build_error_dag(error, env)
+    return dags

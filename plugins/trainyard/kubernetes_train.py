@@ -1,0 +1,164 @@
+"""The ``train`` task on Kubernetes: a KubernetesPodOperator whose pod is derived from YAML only.
+
+Everything security-relevant (image, namespace, PriorityClass, service account, command,
+resources) comes from the environment and pipeline files; the trigger conf reaches the pod only
+as validated hyperparameters inside the JSON run spec argument (DESIGN.md principle 5).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.sdk import Context
+from kubernetes.client import models as k8s
+
+from trainer.spec import Hyperparameters, RunSpec
+from trainyard.config import ResolvedPipeline
+from trainyard.launch import LaunchSpec, trainer_env
+
+CONTAINER_NAME = "base"  # the KubernetesPodOperator's name for the main container
+CACHE_DIR = "/cache"
+SCRATCH_DIR = "/scratch"
+LABEL_PREFIX = "trainyard.io"
+
+
+def label_value(value: str) -> str:
+    """A Kubernetes label value: at most 63 of [A-Za-z0-9._-], alphanumeric at both ends."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", value)[:63]
+    return cleaned.strip("._-") or "none"
+
+
+def launch_argv(pipeline: ResolvedPipeline, spec: RunSpec) -> tuple[str, ...]:
+    """``python -m trainer ...``, or torchrun with one process per GPU when the pod has several."""
+    argv = LaunchSpec.for_run(spec).argv
+    gpus = pipeline.config.resources.gpus
+    if gpus > 1:
+        return ("torchrun", "--standalone", f"--nproc_per_node={gpus}", *argv[1:])
+    return argv
+
+
+def pod_labels(pipeline: ResolvedPipeline, run_id: str | None = None) -> dict[str, str]:
+    labels = {
+        f"{LABEL_PREFIX}/pipeline": label_value(pipeline.name),
+        f"{LABEL_PREFIX}/team": label_value(pipeline.config.team),
+        f"{LABEL_PREFIX}/environment": label_value(pipeline.environment.name),
+        "app.kubernetes.io/name": "trainyard-trainer",
+        "app.kubernetes.io/part-of": "trainyard",
+    }
+    if run_id:
+        labels[f"{LABEL_PREFIX}/dag-run"] = label_value(run_id)
+    return labels
+
+
+def pod_kwargs(pipeline: ResolvedPipeline) -> dict[str, Any]:
+    """KubernetesPodOperator arguments fixed by the YAML (everything but the run spec argument)."""
+    k8s_env = pipeline.environment.kubernetes
+    assert k8s_env is not None, "kubernetes launcher without a kubernetes section"
+    res = pipeline.config.resources
+    quantities = {"cpu": res.cpu, "memory": res.memory}
+    if res.gpus:
+        quantities["nvidia.com/gpu"] = str(res.gpus)
+    secrets = k8s_env.secrets
+    env_vars = [
+        *(k8s.V1EnvVar(name=k, value=v) for k, v in _plain_env(pipeline).items()),
+        *(
+            k8s.V1EnvVar(
+                name=name,
+                value_from=k8s.V1EnvVarSource(secret_key_ref=k8s.V1SecretKeySelector(name=ref.secret, key=ref.key)),
+            )
+            for name, ref in secrets.env.items()
+        ),
+    ]
+    timeout_seconds = int(pipeline.environment.airflow.execution_timeout_minutes * 60)
+    return {
+        "namespace": k8s_env.namespace,
+        "image": k8s_env.image,
+        "image_pull_policy": k8s_env.image_pull_policy,
+        "name": f"train-{pipeline.name}"[:50],
+        "random_name_suffix": True,
+        "labels": pod_labels(pipeline),
+        "annotations": {f"{LABEL_PREFIX}/owner": pipeline.config.owner},
+        "container_resources": k8s.V1ResourceRequirements(requests=quantities, limits=dict(quantities)),
+        "priority_class_name": k8s_env.priority_class,
+        "service_account_name": k8s_env.service_account,
+        "automount_service_account_token": False,
+        "node_selector": dict(k8s_env.gpu_node_selectors.get(res.gpu_type or "", {})) or None,
+        "tolerations": [k8s.V1Toleration(**t.model_dump(exclude_none=True)) for t in k8s_env.tolerations] or None,
+        "env_vars": env_vars,
+        "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=n)) for n in secrets.env_from]
+        or None,
+        "volumes": [
+            k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=res.shm_size)),
+            k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource()),
+            k8s.V1Volume(name="cache", empty_dir=k8s.V1EmptyDirVolumeSource()),
+            k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource()),
+        ],
+        "volume_mounts": [
+            k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"),
+            k8s.V1VolumeMount(name="tmp", mount_path="/tmp"),
+            k8s.V1VolumeMount(name="cache", mount_path=CACHE_DIR),
+            k8s.V1VolumeMount(name="scratch", mount_path=SCRATCH_DIR),
+        ],
+        "security_context": k8s.V1PodSecurityContext(
+            run_as_non_root=True,
+            run_as_user=k8s_env.run_as_user,
+            run_as_group=k8s_env.run_as_group,
+            fs_group=k8s_env.run_as_group,
+            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+        ),
+        "container_security_context": k8s.V1SecurityContext(
+            allow_privilege_escalation=False,
+            capabilities=k8s.V1Capabilities(drop=["ALL"]),
+            read_only_root_filesystem=True,
+            run_as_non_root=True,
+        ),
+        "termination_grace_period": k8s_env.termination_grace_period_seconds,
+        "active_deadline_seconds": timeout_seconds,
+        "startup_timeout_seconds": k8s_env.startup_timeout_seconds,
+        "deferrable": k8s_env.deferrable,
+        "on_finish_action": k8s_env.on_finish_action,
+        "on_kill_action": "delete_pod",
+        "kubernetes_conn_id": k8s_env.connection_id,
+        "in_cluster": k8s_env.in_cluster,
+        "get_logs": True,
+        "do_xcom_push": False,
+        "reattach_on_restart": False,
+        "log_events_on_failure": True,
+    }
+
+
+def _plain_env(pipeline: ResolvedPipeline) -> dict[str, str]:
+    """The local launcher's env plus writable cache locations (the root filesystem is read-only)."""
+    return {
+        **trainer_env(pipeline.environment.name),
+        "HF_HOME": f"{CACHE_DIR}/huggingface",
+        "TRAINYARD_SCRATCH": SCRATCH_DIR,
+    }
+
+
+class KubernetesTrainOperator(KubernetesPodOperator):
+    """Runs the trainer in a GPU pod; the run spec is computed at run time, never templated."""
+
+    def __init__(self, *, pipeline: ResolvedPipeline, **kwargs: Any) -> None:
+        super().__init__(**pod_kwargs(pipeline), **kwargs)
+        self.pipeline = pipeline
+
+    def prepare_run(self, context: Context, validated: dict[str, Any]) -> None:
+        """Fill in the command and labels of this DAG run (also used by ``trainyard render``)."""
+        spec = self.pipeline.run_spec(
+            run_id=context["dag_run"].run_id,
+            try_number=context["ti"].try_number,
+            hyperparameters=Hyperparameters.model_validate(validated["hyperparameters"]),
+            dataset_fingerprint=validated["fingerprint"],
+            validation_report=validated.get("report"),
+        )
+        argv = launch_argv(self.pipeline, spec)
+        self.cmds = [argv[0]]
+        self.arguments = list(argv[1:])
+        self.labels = {**self.labels, **pod_labels(self.pipeline, context["dag_run"].run_id)}
+
+    def execute(self, context: Context) -> Any:
+        self.prepare_run(context, context["ti"].xcom_pull(task_ids="validate_data"))
+        return super().execute(context)

@@ -1,0 +1,127 @@
+"""The three tasks of every Trainyard DAG. Each is thin: the logic lives in modules tests import.
+
+Heavy libraries (pyarrow, mlflow) are imported inside ``execute`` so parsing a DAG stays cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from airflow.sdk import BaseOperator, Context
+from airflow.sdk.exceptions import AirflowFailException
+
+from trainer.spec import Hyperparameters
+from trainyard.config import ResolvedPipeline
+from trainyard.overrides import ConfRejected, validate_conf
+
+VALIDATE_TASK = "validate_data"
+TRAIN_TASK = "train"
+PROMOTE_TASK = "promote"
+
+log = logging.getLogger(__name__)
+
+
+def _validated(context: Context) -> dict[str, Any]:
+    return context["ti"].xcom_pull(task_ids=VALIDATE_TASK)
+
+
+class ValidateDataOperator(BaseOperator):
+    """Rejects a bad trigger conf, then checks the dataset; returns the approved fingerprint."""
+
+    ui_color = "#e8f4fd"
+
+    def __init__(self, *, pipeline: ResolvedPipeline, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pipeline = pipeline
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from trainyard.data_checks import validate_dataset
+
+        conf = context["dag_run"].conf or {}
+        try:
+            hyperparameters = validate_conf(self.pipeline, conf)
+        except ConfRejected as exc:
+            raise AirflowFailException(str(exc)) from None
+        if conf:
+            self.log.info("Trigger overrides accepted: %s", conf)
+
+        env = self.pipeline.environment
+        report = validate_dataset(
+            self.pipeline.data_spec, self.pipeline.config.dataset.checks, env.storage.s3_endpoint_url
+        )
+        self.log.info("Data validation report:\n%s", report.summary())
+        if not report.passed:
+            # Bad data does not get better by retrying: fail now, before any GPU is requested.
+            raise AirflowFailException(f"Dataset rejected for pipeline '{self.pipeline.name}':\n{report.summary()}")
+        return {
+            "fingerprint": report.fingerprint,
+            "report": report.to_dict(),
+            "hyperparameters": hyperparameters.model_dump(mode="json"),
+            "overrides": dict(conf),
+        }
+
+
+class LocalTrainOperator(BaseOperator):
+    """Runs ``python -m trainer`` as a local process with the same argv a pod would get."""
+
+    ui_color = "#fdf2e8"
+
+    def __init__(self, *, pipeline: ResolvedPipeline, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pipeline = pipeline
+        self._trainer: Any = None
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from trainyard.launch import LaunchSpec, LocalTrainer, TrainerFailed
+
+        validated = _validated(context)
+        spec = self.pipeline.run_spec(
+            run_id=context["dag_run"].run_id,
+            try_number=context["ti"].try_number,
+            hyperparameters=Hyperparameters.model_validate(validated["hyperparameters"]),
+            dataset_fingerprint=validated["fingerprint"],
+            validation_report=validated["report"],
+        )
+        self._trainer = LocalTrainer(LaunchSpec.for_run(spec), self.log)
+        try:
+            result = self._trainer.run()
+        except TrainerFailed as exc:
+            raise RuntimeError(str(exc)) from None
+        self.log.info("Training finished: MLflow run %s, metrics %s", result.get("run_id"), result.get("metrics"))
+        return result
+
+    def on_kill(self) -> None:
+        if self._trainer is not None:
+            self._trainer.terminate()
+
+
+class PromoteOperator(BaseOperator):
+    """Moves the champion alias to this run's model only if it wins (see trainyard.promotion)."""
+
+    ui_color = "#eafbe9"
+
+    def __init__(self, *, pipeline: ResolvedPipeline, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pipeline = pipeline
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from mlflow.tracking import MlflowClient
+
+        from trainyard.promotion import PromotionRefused, promote
+
+        dag_run = context["dag_run"]
+        client = MlflowClient(tracking_uri=self.pipeline.environment.mlflow.tracking_uri)
+        try:
+            decision = promote(
+                client,
+                self.pipeline,
+                dag_run_id=dag_run.run_id,
+                approved_fingerprint=_validated(context)["fingerprint"],
+                triggered_by=getattr(dag_run, "triggering_user_name", None),
+            )
+        except PromotionRefused as exc:
+            raise AirflowFailException(f"Promotion refused: {exc}") from None
+        verdict = "PROMOTED" if decision.promoted else "NOT PROMOTED"
+        self.log.info("%s: %s", verdict, decision.reason)
+        return decision.to_dict()

@@ -1,0 +1,75 @@
+"""A human summary of a pipeline's latest run, read back from MLflow (the system of record)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from trainyard.config import ResolvedPipeline
+
+
+def _validation_lines(client, run_id: str) -> list[str]:  # noqa: ANN001 - MlflowClient
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, "validation_report.json", tmp)
+        except Exception:  # noqa: BLE001 - a run without the report still gets a summary
+            return ["  (no validation report logged)"]
+        report = json.loads(Path(path).read_text())
+    lines = []
+    for split, stats in report.get("splits", {}).items():
+        lines.append(f"  {split}: {stats.get('rows')} rows, labels {stats.get('label_counts')}")
+    for check in report.get("checks", []):
+        mark = "PASS" if check.get("passed") else "FAIL"
+        lines.append(f"  [{mark}] {check.get('split') or 'both'}: {check.get('message')}")
+    lines.append(f"  fingerprint {report.get('fingerprint')}")
+    return lines
+
+
+def latest_summary(pipeline: ResolvedPipeline) -> str:
+    from mlflow.tracking import MlflowClient
+
+    tracking_uri = pipeline.environment.mlflow.tracking_uri
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(pipeline.experiment_name)
+    if experiment is None:
+        return f"No MLflow experiment '{pipeline.experiment_name}' yet: the pipeline has not run."
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`trainyard.pipeline` = '{pipeline.name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return f"No runs of '{pipeline.name}' in experiment '{pipeline.experiment_name}'."
+    run = runs[0]
+    metrics = run.data.metrics
+    lines = [
+        f"Pipeline {pipeline.name} (environment {pipeline.environment.name})",
+        f"Airflow run: {run.data.tags.get('airflow.run_id')}",
+        "Validation:",
+        *_validation_lines(client, run.info.run_id),
+        f"MLflow run: {run.info.run_id} ({run.info.status}) in experiment '{pipeline.experiment_name}'",
+        "Metrics: "
+        + ", ".join(f"{k}={metrics[k]:.4f}" for k in ("eval_accuracy", "eval_f1_macro", "eval_loss") if k in metrics),
+    ]
+    name = pipeline.registered_model_name
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
+    if versions:
+        version = versions[0]
+        tags = version.tags
+        decision = tags.get("trainyard.decision", "undecided")
+        lines.append(f"Model version: {name} v{version.version}: {decision.upper()}: {tags.get('trainyard.reason', '')}")
+    else:
+        lines.append(f"Model version: none registered in '{name}' for this run")
+    rule = pipeline.config.promotion
+    try:
+        champion = client.get_model_version_by_alias(name, rule.alias)
+        lines.append(f"Current {rule.alias}: {name} v{champion.version}")
+    except Exception:  # noqa: BLE001 - no alias yet
+        lines.append(f"Current {rule.alias}: none")
+    if tracking_uri.startswith("sqlite:"):
+        lines.append(f"Open the MLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --port 5000")
+    else:
+        lines.append(f"MLflow UI: {tracking_uri}")
+    return "\n".join(lines)

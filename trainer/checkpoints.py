@@ -1,0 +1,226 @@
+"""Resumable checkpoints and SIGTERM handling (DESIGN.md principle 8: preemption is normal).
+
+* ``Preemption`` turns SIGTERM into a clean stop: outside the training loop it raises ``Terminated``
+  at once; inside it only sets a flag that ``PreemptionCallback`` turns into "save a checkpoint at
+  the end of this step, then stop".
+* ``CheckpointStore`` is the checkpoint directory of one DAG run: a local directory, or an ``s3://``
+  prefix mirrored from a local working directory (downloaded at start, uploaded after each save).
+  It also keeps the MLflow run id, so a relaunched pod continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from trainer.errors import Terminated
+from trainer.storage import is_s3, storage_options
+
+logger = logging.getLogger(__name__)
+
+#: Written last by the HF Trainer when it saves a checkpoint: its presence marks a complete one.
+TRAINER_STATE = "trainer_state.json"
+RUN_ID_FILE = "mlflow_run_id"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class Preemption:
+    """Remembers SIGTERM; raises ``Terminated`` unless the training loop is running (``deferred``)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._deferred = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        self.requested = True
+        if self._deferred:
+            logger.warning("SIGTERM received: saving a checkpoint at the end of the current step, then stopping")
+            return
+        raise Terminated("SIGTERM")
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Inside this block SIGTERM only sets the flag; leaving it raises ``Terminated`` if one came."""
+        self._deferred = True
+        try:
+            yield
+        finally:
+            self._deferred = False
+        self.check()
+
+    def check(self) -> None:
+        if self.requested:
+            raise Terminated("SIGTERM")
+
+
+class PreemptionCallback(TrainerCallback):
+    """Stops training after the current optimizer step, with a checkpoint, once SIGTERM was seen."""
+
+    def __init__(self, preemption: Preemption) -> None:
+        self.preemption = preemption
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = self.preemption.requested
+        if args.world_size > 1:
+            # Every rank must agree, or the ranks' collective ops (the save included) would deadlock.
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([int(stop)], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+            self.preemption.requested = stop
+        if stop:
+            logger.warning("Stopping at step %d: saving a checkpoint", state.global_step)
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def _step(name: str) -> int | None:
+    match = _CHECKPOINT.match(name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    step = _step(checkpoint.name)
+    if step is None:
+        raise ValueError(f"not a checkpoint directory: {checkpoint}")
+    return step
+
+
+class CheckpointStore:
+    """The checkpoints of one DAG run, at ``root`` (a local directory or an ``s3://`` prefix)."""
+
+    def __init__(self, root: str, s3_endpoint_url: str | None = None, work_dir: str | None = None) -> None:
+        self.root = root.rstrip("/")
+        self.remote = self.root if is_s3(root) else None
+        self._s3_endpoint_url = s3_endpoint_url
+        if self.remote:
+            base = Path(work_dir or os.environ.get("TRAINYARD_WORK_DIR") or tempfile.gettempdir())
+            digest = hashlib.sha256(self.root.encode()).hexdigest()[:16]
+            self.local_dir = base / "trainyard-checkpoints" / digest
+        else:
+            self.local_dir = Path(self.root)
+
+    # -- local view ---------------------------------------------------------------------------------
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint in the local directory (an interrupted save is skipped)."""
+        if not self.local_dir.is_dir():
+            return None
+        complete = [
+            (step, path)
+            for path in self.local_dir.iterdir()
+            if (step := _step(path.name)) is not None and (path / TRAINER_STATE).is_file()
+        ]
+        return max(complete)[1] if complete else None
+
+    def read_run_id(self) -> str | None:
+        path = self.local_dir / RUN_ID_FILE
+        return path.read_text().strip() or None if path.is_file() else None
+
+    def write_run_id(self, run_id: str) -> None:
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        (self.local_dir / RUN_ID_FILE).write_text(run_id + "\n")
+        if self.remote:
+            self._fs().pipe_file(f"{self.remote}/{RUN_ID_FILE}", (run_id + "\n").encode())
+
+    # -- the remote mirror --------------------------------------------------------------------------
+
+    def _fs(self):
+        import fsspec
+
+        return fsspec.filesystem("s3", **storage_options(self.root, self._s3_endpoint_url))
+
+    def _remote_complete(self, fs) -> dict[int, str]:
+        fs.invalidate_cache()
+        if not fs.exists(self.remote):
+            return {}
+        found = {}
+        for entry in fs.ls(self.remote, detail=False):
+            step = _step(entry.rstrip("/").rsplit("/", 1)[-1])
+            if step is not None and fs.exists(f"{entry}/{TRAINER_STATE}"):
+                found[step] = entry
+        return found
+
+    def download(self) -> None:
+        """Fetch the run id and the newest complete remote checkpoint, unless already here."""
+        if not self.remote:
+            return
+        fs = self._fs()
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        if fs.exists(f"{self.remote}/{RUN_ID_FILE}"):
+            (self.local_dir / RUN_ID_FILE).write_bytes(fs.cat_file(f"{self.remote}/{RUN_ID_FILE}"))
+        remote = self._remote_complete(fs)
+        if not remote:
+            return
+        step = max(remote)
+        local = self.latest()
+        if local is not None and checkpoint_step(local) >= step:
+            return
+        target = self.local_dir / f"checkpoint-{step}"
+        partial = self.local_dir / f".download-checkpoint-{step}"
+        shutil.rmtree(partial, ignore_errors=True)
+        logger.info("Downloading checkpoint %s/checkpoint-%d", self.remote, step)
+        fs.get(remote[step].rstrip("/") + "/", str(partial) + "/", recursive=True)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+
+    def upload(self, checkpoint: Path) -> None:
+        """Mirror one saved checkpoint, then drop remote checkpoints the Trainer rotated away locally."""
+        if not self.remote:
+            return
+        fs = self._fs()
+        destination = f"{self.remote}/{checkpoint.name}"
+        files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
+        # The trainer state goes last: a remote checkpoint without it is incomplete and is ignored.
+        for path in sorted(files, key=lambda p: p.name == TRAINER_STATE):
+            fs.put_file(str(path), f"{destination}/{path.relative_to(checkpoint).as_posix()}")
+        kept = {p.name for p in self.local_dir.iterdir() if _step(p.name) is not None}
+        for step, entry in self._remote_complete(fs).items():
+            if f"checkpoint-{step}" not in kept:
+                fs.rm(entry, recursive=True)
+        logger.info("Uploaded %s to %s", checkpoint.name, destination)
+
+    # -- after a successful run ---------------------------------------------------------------------
+
+    def remove(self) -> None:
+        """Delete this run's checkpoints and run id (and only those: the directory may hold other files)."""
+        if self.local_dir.is_dir():
+            for path in self.local_dir.iterdir():
+                if _step(path.name) is not None or path.name.startswith(".download-checkpoint-"):
+                    shutil.rmtree(path, ignore_errors=True)
+            (self.local_dir / RUN_ID_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.local_dir.rmdir()  # only if now empty
+        if self.remote:
+            fs = self._fs()
+            if fs.exists(self.remote):
+                fs.rm(self.remote, recursive=True)
+        logger.info("Removed checkpoints in %s", self.root)
+
+
+class MirrorCallback(TrainerCallback):
+    """Uploads each checkpoint to the ``s3://`` checkpoint root right after the Trainer saved it."""
+
+    def __init__(self, store: CheckpointStore) -> None:
+        self.store = store
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.store.upload(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        return control
