@@ -55,8 +55,14 @@ def _expand_env_vars(value: Any, path: Path, loc: Loc = ()) -> Any:
         if name not in os.environ:
             raise ConfigError(
                 path,
-                [Problem(".".join(map(str, loc)), f"environment variable ${{{name}}} is not set", None,
-                         f"export {name}=... before starting Airflow")],
+                [
+                    Problem(
+                        ".".join(map(str, loc)),
+                        f"environment variable ${{{name}}} is not set",
+                        None,
+                        f"export {name}=... before starting Airflow",
+                    )
+                ],
             )
         return os.environ[name]
 
@@ -137,9 +143,7 @@ class ResolvedPipeline:
         return self.config.schedule if self.environment.airflow.schedules_enabled else None
 
     def _naming(self, template: str) -> str:
-        return template.format(
-            pipeline=self.name, environment=self.environment.name, team=self.config.team
-        )
+        return template.format(pipeline=self.name, environment=self.environment.name, team=self.config.team)
 
     @property
     def experiment_name(self) -> str:
@@ -216,26 +220,37 @@ def environment_limits(config: PipelineConfig, environment: EnvironmentConfig) -
     res = config.resources
     if res.gpus > k8s.caps.gpus:
         found.append(
-            (("resources", "gpus"), f"{res.gpus} GPUs exceed the cap of {k8s.caps.gpus} in '{environment.name}'",
-             f"ask for at most {k8s.caps.gpus} or ask the platform team to raise caps.gpus")
+            (
+                ("resources", "gpus"),
+                f"{res.gpus} GPUs exceed the cap of {k8s.caps.gpus} in '{environment.name}'",
+                f"ask for at most {k8s.caps.gpus} or ask the platform team to raise caps.gpus",
+            )
         )
     for field in ("cpu", "memory", "shm_size"):
         wanted, cap = getattr(res, field), getattr(k8s.caps, field)
         if parse_quantity(wanted) > parse_quantity(cap):
             found.append(
-                (("resources", field), f"{wanted} exceeds the cap of {cap} in '{environment.name}'",
-                 f"ask for at most {cap}")
+                (
+                    ("resources", field),
+                    f"{wanted} exceeds the cap of {cap} in '{environment.name}'",
+                    f"ask for at most {cap}",
+                )
             )
     if res.gpu_type is not None and res.gpu_type not in k8s.gpu_node_selectors:
         known = list(k8s.gpu_node_selectors)
         found.append(
-            (("resources", "gpu_type"), f"unknown GPU type '{res.gpu_type}' in '{environment.name}'",
-             suggest_key(res.gpu_type, known) or "this environment maps no GPU types")
+            (
+                ("resources", "gpu_type"),
+                f"unknown GPU type '{res.gpu_type}' in '{environment.name}'",
+                suggest_key(res.gpu_type, known) or "this environment maps no GPU types",
+            )
         )
     return found
 
 
-def load_pipeline(path: Path, environment: EnvironmentConfig, known_environments: list[str]) -> ResolvedPipeline:
+def load_pipeline(
+    path: Path, environment: EnvironmentConfig, known_environments: list[str]
+) -> ResolvedPipeline:
     raw, text = read_mapping(path)
     overrides = raw.get("environments") or {}
     problems: list[Problem] = []
@@ -245,7 +260,12 @@ def load_pipeline(path: Path, environment: EnvironmentConfig, known_environments
             if env_name not in known_environments:
                 line = nearest_line(line_index(text), loc)
                 problems.append(
-                    Problem(".".join(loc), "no such environment", line, suggest_key(str(env_name), known_environments))
+                    Problem(
+                        ".".join(loc),
+                        "no such environment",
+                        line,
+                        suggest_key(str(env_name), known_environments),
+                    )
                 )
             elif not isinstance(override, dict):
                 problems.append(Problem(".".join(loc), "must be a mapping of fields to override"))
@@ -253,7 +273,9 @@ def load_pipeline(path: Path, environment: EnvironmentConfig, known_environments
                 for key in NOT_OVERRIDABLE_PER_ENV:
                     if key in override:
                         line = nearest_line(line_index(text), (*loc, key))
-                        problems.append(Problem(f"{'.'.join(loc)}.{key}", "cannot differ per environment", line))
+                        problems.append(
+                            Problem(f"{'.'.join(loc)}.{key}", "cannot differ per environment", line)
+                        )
     if problems:
         raise ConfigError(path, problems)
 
@@ -279,8 +301,14 @@ def load_pipeline(path: Path, environment: EnvironmentConfig, known_environments
     if config.name != path.stem:
         raise ConfigError(
             path,
-            [Problem("name", f"'{config.name}' does not match the file name", base_locate(("name",))[1],
-                     f"rename the file to {config.name}.yaml or set name: {path.stem}")],
+            [
+                Problem(
+                    "name",
+                    f"'{config.name}' does not match the file name",
+                    base_locate(("name",))[1],
+                    f"rename the file to {config.name}.yaml or set name: {path.stem}",
+                )
+            ],
         )
     return ResolvedPipeline(config=config, environment=environment, source=path)
 

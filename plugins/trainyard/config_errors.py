@@ -104,4 +104,4 @@ def problems_from_validation(
             message = f"{message} (got {error['input']!r})"
         reported, line = locate(loc)
         problems.append(Problem(dotted(reported), message, line, suggestion))
-    return problems
+    return sorted(problems, key=lambda p: (p.line is None, p.line or 0))

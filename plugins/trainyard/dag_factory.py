@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from trainyard.operators import (
 )
 from trainyard.overrides import param_schemas
 
-START_DATE = datetime(2024, 1, 1, tzinfo=timezone.utc)
+START_DATE = datetime(2024, 1, 1, tzinfo=UTC)
 INVALID_TAG = "trainyard:invalid"
 
 
@@ -123,7 +123,9 @@ def build_error_dag(error: ConfigError, environment: EnvironmentConfig) -> DAG:
     message = f"This pipeline file could not be loaded and will not run until it is fixed.\n\n{error}"
     dag = DAG(
         dag_id=placeholder_dag_id(error.file),
-        description=f"INVALID: {error.file.name}: {error.problems[0].render() if error.problems else ''}"[:200],
+        description=f"INVALID: {error.file.name}: {error.problems[0].render() if error.problems else ''}"[
+            :200
+        ],
         schedule=None,
         start_date=START_DATE,
         catchup=False,

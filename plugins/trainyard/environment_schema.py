@@ -135,7 +135,9 @@ class KubernetesSettings(_Strict):
     @classmethod
     def _pinned(cls, value: str) -> str:
         if not PINNED_IMAGE.match(value) or value.endswith(":latest"):
-            raise ValueError(f"image '{value}' must be pinned by a tag other than 'latest' or by @sha256 digest")
+            raise ValueError(
+                f"image '{value}' must be pinned by a tag other than 'latest' or by @sha256 digest"
+            )
         return value
 
 

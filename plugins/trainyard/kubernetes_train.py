@@ -66,7 +66,9 @@ def pod_kwargs(pipeline: ResolvedPipeline) -> dict[str, Any]:
         *(
             k8s.V1EnvVar(
                 name=name,
-                value_from=k8s.V1EnvVarSource(secret_key_ref=k8s.V1SecretKeySelector(name=ref.secret, key=ref.key)),
+                value_from=k8s.V1EnvVarSource(
+                    secret_key_ref=k8s.V1SecretKeySelector(name=ref.secret, key=ref.key)
+                ),
             )
             for name, ref in secrets.env.items()
         ),
@@ -85,12 +87,15 @@ def pod_kwargs(pipeline: ResolvedPipeline) -> dict[str, Any]:
         "service_account_name": k8s_env.service_account,
         "automount_service_account_token": False,
         "node_selector": dict(k8s_env.gpu_node_selectors.get(res.gpu_type or "", {})) or None,
-        "tolerations": [k8s.V1Toleration(**t.model_dump(exclude_none=True)) for t in k8s_env.tolerations] or None,
+        "tolerations": [k8s.V1Toleration(**t.model_dump(exclude_none=True)) for t in k8s_env.tolerations]
+        or None,
         "env_vars": env_vars,
         "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=n)) for n in secrets.env_from]
         or None,
         "volumes": [
-            k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=res.shm_size)),
+            k8s.V1Volume(
+                name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=res.shm_size)
+            ),
             k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource()),
             k8s.V1Volume(name="cache", empty_dir=k8s.V1EmptyDirVolumeSource()),
             k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource()),

@@ -23,7 +23,6 @@ RESULT_KEY = "trainyard_result"
 EXIT_INTERRUPTED = 143
 
 
-
 def trainer_env(environment: str) -> dict[str, str]:
     """Plain, non-secret environment every trainer gets, locally and in the pod."""
     return {
@@ -55,7 +54,7 @@ class TrainerFailed(RuntimeError):
     def __init__(self, exit_code: int, tail: list[str]) -> None:
         self.exit_code = exit_code
         self.tail = tail
-        if exit_code == EXIT_INTERRUPTED or exit_code == -signal.SIGTERM:
+        if exit_code in (EXIT_INTERRUPTED, -signal.SIGTERM):
             cause = "the trainer was interrupted (SIGTERM); it saved a checkpoint and a retry resumes from it"
         else:
             cause = f"the trainer exited with code {exit_code}"
@@ -83,11 +82,13 @@ class LocalTrainer:
         self.process: subprocess.Popen[str] | None = None
 
     def run(self, on_line: Callable[[str], None] | None = None) -> dict[str, Any]:
-        argv = (sys.executable, *self.launch.argv[1:]) if self.launch.argv[0] == "python" else self.launch.argv
+        argv = (
+            (sys.executable, *self.launch.argv[1:]) if self.launch.argv[0] == "python" else self.launch.argv
+        )
         env = {**os.environ, **self.launch.env}
         self.log.info("Starting trainer: %s -m trainer --spec <%d bytes of JSON>", argv[0], len(argv[-1]))
         result: dict[str, Any] | None = None
-        self.process = subprocess.Popen(  # noqa: S603 - argv list, no shell
+        self.process = subprocess.Popen(
             argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
         assert self.process.stdout is not None
@@ -112,7 +113,9 @@ class LocalTrainer:
         process = self.process
         if process is None or process.poll() is not None:
             return
-        self.log.warning("Stopping the trainer (pid %s): SIGTERM, %ss to checkpoint", process.pid, grace_seconds)
+        self.log.warning(
+            "Stopping the trainer (pid %s): SIGTERM, %ss to checkpoint", process.pid, grace_seconds
+        )
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=grace_seconds)

@@ -53,7 +53,9 @@ class ValidateDataOperator(BaseOperator):
         self.log.info("Data validation report:\n%s", report.summary())
         if not report.passed:
             # Bad data does not get better by retrying: fail now, before any GPU is requested.
-            raise AirflowFailException(f"Dataset rejected for pipeline '{self.pipeline.name}':\n{report.summary()}")
+            raise AirflowFailException(
+                f"Dataset rejected for pipeline '{self.pipeline.name}':\n{report.summary()}"
+            )
         return {
             "fingerprint": report.fingerprint,
             "report": report.to_dict(),
@@ -88,7 +90,9 @@ class LocalTrainOperator(BaseOperator):
             result = self._trainer.run()
         except TrainerFailed as exc:
             raise RuntimeError(str(exc)) from None
-        self.log.info("Training finished: MLflow run %s, metrics %s", result.get("run_id"), result.get("metrics"))
+        self.log.info(
+            "Training finished: MLflow run %s, metrics %s", result.get("run_id"), result.get("metrics")
+        )
         return result
 
     def on_kill(self) -> None:

@@ -9,11 +9,11 @@ from pathlib import Path
 from trainyard.config import ResolvedPipeline
 
 
-def _validation_lines(client, run_id: str) -> list[str]:  # noqa: ANN001 - MlflowClient
+def _validation_lines(client, run_id: str) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(run_id, "validation_report.json", tmp)
-        except Exception:  # noqa: BLE001 - a run without the report still gets a summary
+        except Exception:
             return ["  (no validation report logged)"]
         report = json.loads(Path(path).read_text())
     lines = []
@@ -51,25 +51,30 @@ def latest_summary(pipeline: ResolvedPipeline) -> str:
         *_validation_lines(client, run.info.run_id),
         f"MLflow run: {run.info.run_id} ({run.info.status}) in experiment '{pipeline.experiment_name}'",
         "Metrics: "
-        + ", ".join(f"{k}={metrics[k]:.4f}" for k in ("eval_accuracy", "eval_f1_macro", "eval_loss") if k in metrics),
+        + ", ".join(
+            f"{k}={metrics[k]:.4f}" for k in ("eval_accuracy", "eval_f1_macro", "eval_loss") if k in metrics
+        ),
     ]
     name = pipeline.registered_model_name
     versions = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
     if versions:
         version = versions[0]
         tags = version.tags
-        decision = tags.get("trainyard.decision", "undecided")
-        lines.append(f"Model version: {name} v{version.version}: {decision.upper()}: {tags.get('trainyard.reason', '')}")
+        decision = tags.get("trainyard.decision", "undecided").upper()
+        reason = tags.get("trainyard.reason", "")
+        lines.append(f"Model version: {name} v{version.version}: {decision}: {reason}")
     else:
         lines.append(f"Model version: none registered in '{name}' for this run")
     rule = pipeline.config.promotion
     try:
         champion = client.get_model_version_by_alias(name, rule.alias)
         lines.append(f"Current {rule.alias}: {name} v{champion.version}")
-    except Exception:  # noqa: BLE001 - no alias yet
+    except Exception:
         lines.append(f"Current {rule.alias}: none")
     if tracking_uri.startswith("sqlite:"):
-        lines.append(f"Open the MLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --port 5000")
+        lines.append(
+            f"Open the MLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --port 5000"
+        )
     else:
         lines.append(f"MLflow UI: {tracking_uri}")
     return "\n".join(lines)

@@ -21,7 +21,7 @@ def read_mapping(path: Path) -> tuple[dict[str, Any], str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(path, [Problem("", f"cannot read file: {exc}")]) from None
     try:
-        data = yaml.load(text, Loader=SafeLoader)  # noqa: S506 - SafeLoader or its C twin
+        data = yaml.load(text, Loader=SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None

@@ -44,7 +44,9 @@ def write_parquet(path: Path, rows: list[dict[str, str]]) -> Path:
     return path
 
 
-def write_splits(directory: Path, train_rows: int = 400, validation_rows: int = 100, fmt: str = "csv") -> tuple[Path, Path]:
+def write_splits(
+    directory: Path, train_rows: int = 400, validation_rows: int = 100, fmt: str = "csv"
+) -> tuple[Path, Path]:
     """train/validation files with disjoint texts (no leakage)."""
     writer = write_csv if fmt == "csv" else write_parquet
     train = writer(directory / f"train.{fmt}", sentiment_rows(train_rows, seed=1, prefix="t"))

@@ -1,0 +1,49 @@
+"""SIGTERM as a clean stop (DESIGN.md principle 8). Standard library only: installed before heavy imports.
+
+Outside the training loop SIGTERM raises ``Terminated`` at once (the process exits 143 promptly);
+inside it (``deferred``) it only sets a flag that ``trainer.checkpoints.PreemptionCallback`` turns
+into "save a checkpoint at the end of this optimizer step, then stop".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+
+from trainer.errors import Terminated
+
+logger = logging.getLogger(__name__)
+
+
+class Preemption:
+    """Remembers SIGTERM; raises ``Terminated`` unless the training loop is running (``deferred``)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._deferred = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        self.requested = True
+        if self._deferred:
+            logger.warning("SIGTERM received: saving a checkpoint at the end of the current step, then stopping")
+            return
+        raise Terminated("SIGTERM")
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Inside this block SIGTERM only sets the flag; leaving it raises ``Terminated`` if one came."""
+        self._deferred = True
+        try:
+            yield
+        finally:
+            self._deferred = False
+        self.check()
+
+    def check(self) -> None:
+        if self.requested:
+            raise Terminated("SIGTERM")

@@ -1,0 +1,192 @@
+"""MLflow bookkeeping for one training run. Only the main process (rank 0) touches MLflow.
+
+A relaunched pod resumes the same MLflow run (its id is kept in the checkpoint directory), so tags
+are (re)set on every start and params are logged only where not already there: MLflow params are
+write-once. Nothing here reads ``os.environ``: no secret can end up in a param.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import version
+from typing import Any
+
+from transformers import TrainerCallback
+
+from trainer.spec import MODEL_ARTIFACT, RunSpec, run_tags
+
+logger = logging.getLogger(__name__)
+
+#: Pinned into the logged model's requirements (mlflow would otherwise guess, and look for torchvision).
+MODEL_REQUIREMENTS = ("mlflow", "transformers", "torch", "tokenizers", "safetensors")
+
+RESUMED_TAG = "trainyard.resumed_from_step"
+MODEL_URI_TAG = "trainyard.model_uri"
+#: Step metrics the HF Trainer logs while training, and the MLflow names they get.
+STEP_METRICS = ("loss", "learning_rate", "grad_norm", "epoch")
+
+
+def pip_requirements() -> list[str]:
+    # "2.13.0+cpu" -> "2.13.0": a local version label would not resolve on a serving image's index.
+    return [f"{name}=={version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
+
+
+def run_params(spec: RunSpec, train_rows: int, validation_rows: int, precision: str) -> dict[str, Any]:
+    """Everything that describes the run; flat names, hyperparameters unprefixed."""
+    return {
+        **spec.hyperparameters.model_dump(),
+        "precision_effective": precision,
+        "model.base": spec.model.base,
+        "model.max_length": spec.model.max_length,
+        "data.train_uri": spec.data.train_uri,
+        "data.validation_uri": spec.data.validation_uri,
+        "data.format": spec.data.format,
+        "data.text_column": spec.data.text_column,
+        "data.label_column": spec.data.label_column,
+        "data.label_names": ",".join(spec.data.label_names),
+        "data.train_rows": train_rows,
+        "data.validation_rows": validation_rows,
+        "dataset_fingerprint": spec.dataset_fingerprint,
+    }
+
+
+class Tracker:
+    """The MLflow run of this training run; every method is a no-op when ``enabled`` is false."""
+
+    def __init__(self, spec: RunSpec, enabled: bool) -> None:
+        self.spec = spec
+        self.enabled = enabled
+        self.run_id: str | None = None
+
+    def start(self, previous_run_id: str | None, resumed_from_step: int | None) -> str | None:
+        if not self.enabled:
+            return None
+        import mlflow
+
+        mlflow.set_tracking_uri(self.spec.mlflow.tracking_uri)
+        experiment_id = self._experiment_id()
+        run_id = previous_run_id if previous_run_id and self._resumable(previous_run_id, experiment_id) else None
+        identity = self.spec.identity
+        run = mlflow.start_run(
+            run_id=run_id,
+            experiment_id=experiment_id,
+            run_name=None if run_id else f"{identity.pipeline}-{identity.run_id}",
+        )
+        self.run_id = run.info.run_id
+        tags = run_tags(identity, self.spec.dataset_fingerprint)
+        if resumed_from_step is not None:
+            tags[RESUMED_TAG] = str(resumed_from_step)
+        mlflow.set_tags(tags)
+        logger.info(
+            "MLflow run %s (%s) in experiment %r",
+            self.run_id,
+            "resumed" if run_id else "new",
+            self.spec.mlflow.experiment_name,
+        )
+        return self.run_id
+
+    def _experiment_id(self) -> str:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        name = self.spec.mlflow.experiment_name
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return mlflow.create_experiment(name, artifact_location=self.spec.mlflow.artifact_location)
+        except MlflowException:
+            # Another run created it between our lookup and our create.
+            experiment = mlflow.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+    def _resumable(self, run_id: str, experiment_id: str) -> bool:
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = MlflowClient().get_run(run_id)
+        except MlflowException as error:
+            logger.warning("Checkpoint names MLflow run %s, which cannot be read (%s): starting a new run", run_id, error)
+            return False
+        if run.info.experiment_id != experiment_id or run.info.lifecycle_stage != "active":
+            logger.warning("Checkpoint names MLflow run %s, which is deleted or elsewhere: starting a new run", run_id)
+            return False
+        return True
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        import mlflow
+
+        existing = mlflow.get_run(self.run_id).data.params
+        new = {k: v for k, v in params.items() if k not in existing}
+        changed = sorted(k for k, v in params.items() if k in existing and existing[k] != str(v))
+        if changed:
+            logger.warning("Resumed run keeps its original params; these differ now: %s", ", ".join(changed))
+        if new:
+            mlflow.log_params(new)
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if not self.enabled:
+            return
+        import mlflow
+
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        if numeric:
+            mlflow.log_metrics(numeric, step=step)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_dict(data, artifact_file)
+
+    def log_model(self, model, tokenizer, sample_texts: list[str]) -> str | None:
+        """Log the fine-tuned model as a ``text-classification`` pipeline; returns its model URI."""
+        if not self.enabled:
+            return None
+        import mlflow
+        import pandas as pd
+        import transformers
+        from mlflow.models import infer_signature
+
+        model.eval()
+        classifier = transformers.pipeline(
+            "text-classification", model=model, tokenizer=tokenizer, device=model.device
+        )
+        signature = infer_signature(sample_texts, pd.DataFrame(classifier(sample_texts)))
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            name=MODEL_ARTIFACT,
+            task="text-classification",
+            signature=signature,
+            pip_requirements=pip_requirements(),
+        )
+        mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
+        logger.info("Logged model %s", info.model_uri)
+        return info.model_uri
+
+    def end(self, status: str) -> None:
+        """FINISHED, FAILED, or KILLED (preempted: the run is resumed by the next launch)."""
+        if not self.enabled or self.run_id is None:
+            return
+        import mlflow
+
+        mlflow.end_run(status=status)
+        logger.info("MLflow run %s ended: %s", self.run_id, status)
+        self.run_id = None
+
+
+class MlflowMetricsCallback(TrainerCallback):
+    """Sends the Trainer's per-logging-step loss, learning rate and grad norm to MLflow."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "loss" in logs:
+            self.tracker.log_metrics({k: logs[k] for k in STEP_METRICS if k in logs}, step=state.global_step)
+        return control
