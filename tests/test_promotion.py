@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from trainyard.config import ResolvedPipeline, load_environment, load_pipeline
 from trainyard.pipeline_schema import Promotion
 from trainyard.promotion import PromotionRefused, decide, promote
@@ -61,8 +62,9 @@ class TestDecide:
         assert "by only 0.005 < required 0.01" in reason
 
     def test_improvement_exactly_at_margin_passes_despite_float_error(self):
-        assert 0.862 - 0.860 < 0.002  # the float trap the tolerance exists for
-        assert decide(rule(min_improvement=0.002), 0.862, 0.860)[0]
+        assert 0.3 - 0.1 < 0.2  # the float trap the tolerance exists for
+        assert decide(rule(min_improvement=0.2), 0.3, 0.1)[0]
+        assert decide(rule(metric="eval_loss", min_improvement=0.2), 0.1, 0.3)[0]
 
     def test_worse_rejected(self):
         ok, reason = decide(rule(), 0.80, 0.85, champion_version="2")
@@ -211,7 +213,7 @@ class Env:
 
     def champion(self) -> str | None:
         try:
-            return self.client.get_model_version_by_alias(self.model_name, "champion").version
+            return str(self.client.get_model_version_by_alias(self.model_name, "champion").version)
         except Exception:
             return None
 
@@ -224,7 +226,7 @@ def _identity_class() -> type:
     from mlflow.pyfunc import PythonModel
 
     class Identity(PythonModel):
-        def predict(self, context, model_input, params=None):
+        def predict(self, context, model_input: list[str], params=None) -> list[str]:
             return model_input
 
     return Identity
@@ -441,7 +443,7 @@ def test_retried_promote_is_idempotent(make_env):
     assert first.promoted and again.promoted
     assert first.version == again.version == "2"
     assert again.champion_version == "1" and again.reason == first.reason
-    assert [v.version for v in env.versions()] == ["1", "2"]
+    assert [str(v.version) for v in env.versions()] == ["1", "2"]
     assert env.champion() == "2"
     assert env.tags("2")["trainyard.decision"] == "promoted"
 
@@ -453,7 +455,7 @@ def test_retried_rejection_registers_once(make_env):
     env.log_run("r2", {"eval_f1_macro": 0.70})
     assert not env.promote("r2").promoted
     assert not env.promote("r2").promoted
-    assert [v.version for v in env.versions()] == ["1", "2"]
+    assert [str(v.version) for v in env.versions()] == ["1", "2"]
     assert env.champion() == "1"
 
 
@@ -501,7 +503,23 @@ def test_run_without_model_uri_tag_falls_back_to_logged_model(make_env):
     assert d.promoted
     version = env.client.get_model_version(env.model_name, d.version)
     assert version.run_id == run_id
-    assert version.model_id
+    assert version.source.startswith("models:/m-")
+
+
+def test_registers_through_the_injected_client_not_the_global_uri(make_env, tmp_path):
+    import mlflow
+
+    env = make_env()
+    env.log_run("r1", {"eval_f1_macro": 0.9})
+    shared = mlflow.get_tracking_uri()
+    elsewhere = f"file://{tmp_path}/elsewhere"
+    mlflow.set_tracking_uri(elsewhere)  # what an Airflow worker has: not the pipeline's store
+    try:
+        d = env.promote("r1")
+        assert mlflow.get_tracking_uri() == elsewhere
+    finally:
+        mlflow.set_tracking_uri(shared)
+    assert d.promoted and env.champion() == "1"
 
 
 def test_model_uri_of_another_run_refused(make_env):

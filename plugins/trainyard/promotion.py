@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -316,6 +319,34 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
             raise
 
 
+@contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's global tracking URI at ``uri`` for the duration, then restore it.
+
+    MLflow's SQL registry store resolves a ``models:/<model_id>`` source through a fresh
+    ``MlflowClient()``, i.e. the *global* tracking URI, not the injected client's (see the TODO in
+    ``SqlAlchemyStore.create_model_version``). In an Airflow task nothing sets the global URI, so
+    registering from a local SQLite store would look the logged model up in the wrong place.
+    """
+    import mlflow
+    from mlflow.tracking import is_tracking_uri_set
+
+    previous = mlflow.get_tracking_uri()
+    if previous == uri:
+        yield
+        return
+    was_set, env_before = is_tracking_uri_set(), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous if was_set else None)
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
+
+
 def register_candidate(client: MlflowClient, name: str, run: Run) -> ModelVersion:
     """The model version of ``run`` under ``name``: the existing one if any, else a new one."""
     run_id = run.info.run_id
@@ -328,7 +359,8 @@ def register_candidate(client: MlflowClient, name: str, run: Run) -> ModelVersio
         version = min(existing, key=lambda v: int(v.version))
         log.info("reusing %s v%s, already registered for run %s", name, version.version, run_id)
         return version
-    version = client.create_model_version(name, source, run_id=run_id, model_id=model_id)
+    with _global_tracking_uri(client.tracking_uri):
+        version = client.create_model_version(name, source, run_id=run_id, model_id=model_id)
     log.info("registered %s v%s from %s", name, version.version, source)
     return version
 
@@ -339,7 +371,11 @@ def _champion(client: MlflowClient, name: str, alias: str) -> ModelVersion | Non
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
-        if _is(exc, "RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+        # The SQL store says INVALID_PARAMETER_VALUE "alias ... not found"; anything else is a real
+        # error and must not be mistaken for "no champion" (which would promote any candidate).
+        if _is(exc, "RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or (
+            _is(exc, "INVALID_PARAMETER_VALUE") and "not found" in str(exc.message)
+        ):
             return None
         raise
 
