@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,22 @@ from trainyard.config import (
 from trainyard.config_errors import ConfigError
 
 log = logging.getLogger("trainyard")
+_out = sys.stdout
+
+
+def emit(text: str) -> None:
+    """Machine-readable output: the only thing that reaches the real stdout."""
+    _out.write(text if text.endswith("\n") else text + "\n")
+    _out.flush()
+
+
+def _stdout_to_stderr() -> None:
+    """Airflow's loggers write to stdout; point file descriptor 1 at stderr and keep a private stdout."""
+    global _out
+    sys.stdout.flush()
+    _out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
@@ -34,7 +51,7 @@ def cmd_lint(args: argparse.Namespace) -> int:
     if failures:
         print(f"{len(failures)} file/environment combination(s) failed", file=sys.stderr)
         return 1
-    print(f"OK: {len(files)} pipeline(s) valid in {len(envs)} environment(s): {', '.join(envs)}")
+    emit(f"OK: {len(files)} pipeline(s) valid in {len(envs)} environment(s): {', '.join(envs)}")
     return 0
 
 
@@ -48,7 +65,30 @@ def cmd_params(args: argparse.Namespace) -> int:
     from trainyard.overrides import param_schemas
 
     schemas = param_schemas(_pipeline(args.pipeline, args.env))
-    print(json.dumps({"type": "object", "properties": schemas, "additionalProperties": False}, indent=2))
+    emit(json.dumps({"type": "object", "properties": schemas, "additionalProperties": False}, indent=2))
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    import yaml
+
+    from trainyard.overrides import ConfRejected
+    from trainyard.render import render_pod
+
+    try:
+        conf = json.loads(args.conf) if args.conf else {}
+    except ValueError as exc:
+        print(f"--conf is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(conf, dict):
+        print("--conf must be a JSON object of overrides", file=sys.stderr)
+        return 2
+    try:
+        manifest = render_pod(_pipeline(args.pipeline, args.env), conf)
+    except (ConfRejected, ValueError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    emit(yaml.safe_dump(manifest, sort_keys=False))
     return 0
 
 
@@ -62,7 +102,7 @@ def cmd_prepare_demo(args: argparse.Namespace) -> int:
             return 2
     train, validation = prepare_tweets(Path(env.storage.data_root))
     model = prepare_model(Path(env.storage.models_root))
-    print(json.dumps({"train": str(train), "validation": str(validation), "model": str(model)}))
+    emit(json.dumps({"train": str(train), "validation": str(validation), "model": str(model)}))
     return 0
 
 
@@ -70,8 +110,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from trainyard.summary import latest_summary
 
     pipeline = _pipeline(args.pipeline, args.env)
-    text = latest_summary(pipeline)
-    print(text)
+    emit(latest_summary(pipeline))
     return 0
 
 
@@ -93,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--env", default=None, help="environment (default: $TRAINYARD_ENV or local)")
         command.set_defaults(func=func)
 
+    render = sub.add_parser("render", help="print the pod manifest a train task would create")
+    render.add_argument("pipeline")
+    render.add_argument("--env", default=None, help="a kubernetes environment, e.g. dev or prod")
+    render.add_argument("--conf", default=None, help="trigger conf as JSON, validated like a real trigger")
+    render.set_defaults(func=cmd_render)
+
     demo = sub.add_parser("prepare-demo", help="write the demo tweets and base model under the local roots")
     demo.add_argument("--env", default=None)
     demo.set_defaults(func=cmd_prepare_demo)
@@ -100,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if argv is None:  # a real process (tests call main() in-process and capture output)
+        _stdout_to_stderr()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except ConfigError as exc:
