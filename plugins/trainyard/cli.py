@@ -24,20 +24,20 @@ from trainyard.config import (
 from trainyard.config_errors import ConfigError
 
 log = logging.getLogger("trainyard")
-_out = sys.stdout
+_output = {"stream": sys.stdout}
 
 
 def emit(text: str) -> None:
     """Machine-readable output: the only thing that reaches the real stdout."""
-    _out.write(text if text.endswith("\n") else text + "\n")
-    _out.flush()
+    stream = _output["stream"]
+    stream.write(text if text.endswith("\n") else text + "\n")
+    stream.flush()
 
 
 def _stdout_to_stderr() -> None:
     """Airflow's loggers write to stdout; point file descriptor 1 at stderr and keep a private stdout."""
-    global _out
     sys.stdout.flush()
-    _out = os.fdopen(os.dup(1), "w")
+    _output["stream"] = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
 

@@ -36,9 +36,7 @@ def render_pod(
     task = dag.get_task(TRAIN_TASK)
     ti = SimpleNamespace(dag_id=dag.dag_id, task_id=TRAIN_TASK, map_index=-1, try_number=try_number)
     context: Any = {"ti": ti, "run_id": run_id, "dag": dag, "dag_run": SimpleNamespace(run_id=run_id)}
-    task.prepare_run(
-        context,
-        {"hyperparameters": hyperparameters.model_dump(mode="json"), "fingerprint": fingerprint, "report": None},
-    )
+    validated = {"hyperparameters": hyperparameters.model_dump(mode="json"), "fingerprint": fingerprint}
+    task.prepare_run(context, validated)
     pod = task.build_pod_request_obj(context, dry_run=True)
     return ApiClient().sanitize_for_serialization(pod)
