@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from trainyard import paths
 from trainyard.config import (
@@ -24,12 +25,12 @@ from trainyard.config import (
 from trainyard.config_errors import ConfigError
 
 log = logging.getLogger("trainyard")
-_output = {"stream": sys.stdout}
+_output: dict[str, TextIO | None] = {"stream": None}  # None: whatever sys.stdout is now
 
 
 def emit(text: str) -> None:
     """Machine-readable output: the only thing that reaches the real stdout."""
-    stream = _output["stream"]
+    stream = _output["stream"] or sys.stdout
     stream.write(text if text.endswith("\n") else text + "\n")
     stream.flush()
 
