@@ -36,3 +36,19 @@ def config_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, 
     monkeypatch.setenv("TRAINYARD_ENVIRONMENTS_DIR", str(environments))
     monkeypatch.setenv("TRAINYARD_HOME", str(tmp_path / "home"))
     return pipelines, environments
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated Airflow metadata DB (SQLite) in the session's Airflow home."""
+    import subprocess
+    import sys
+
+    home = Path(os.environ["AIRFLOW_HOME"])
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"],
+        check=True,
+        capture_output=True,
+        env={**os.environ},
+    )
+    return home / "airflow.db"

@@ -166,11 +166,18 @@ def _plain_env(pipeline: ResolvedPipeline) -> dict[str, str]:
 
 
 class KubernetesTrainOperator(KubernetesPodOperator):
-    """Runs the trainer in a GPU pod; the run spec is computed at run time, never templated."""
+    """Runs the trainer in a GPU pod and relaunches it when the cluster preempts or evicts it.
+
+    The run spec is computed at run time, never templated. A relaunch does not spend an Airflow
+    retry: the trainer resumes from the last checkpoint of the same DAG run. Genuine failures
+    (non-zero exit, OOMKilled, image pull errors, refused pods) fail with their cause.
+    """
 
     def __init__(self, *, pipeline: ResolvedPipeline, **kwargs: Any) -> None:
         super().__init__(**pod_kwargs(pipeline), **kwargs)
         self.pipeline = pipeline
+        self.max_relaunches = pipeline.environment.kubernetes.max_preemption_relaunches  # type: ignore[union-attr]
+        self._last_remote_pod: Any = None
 
     def prepare_run(self, context: Context, validated: dict[str, Any]) -> None:
         """Fill in the command and labels of this DAG run (also used by ``trainyard render``)."""
@@ -188,4 +195,89 @@ class KubernetesTrainOperator(KubernetesPodOperator):
 
     def execute(self, context: Context) -> Any:
         self.prepare_run(context, context["ti"].xcom_pull(task_ids="validate_data"))
-        return super().execute(context)
+        while True:
+            outcome = self._attempt(context, lambda: super(KubernetesTrainOperator, self).execute(context))
+            if outcome is not _RELAUNCH:
+                return outcome
+
+    def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
+        outcome = self._attempt(
+            context, lambda: super(KubernetesTrainOperator, self).trigger_reentry(context, event)
+        )
+        if outcome is _RELAUNCH:
+            self.prepare_run(context, context["ti"].xcom_pull(task_ids="validate_data"))
+            return self.execute(context)  # defers again with a fresh pod
+        return outcome
+
+    def cleanup(
+        self, pod: Any, remote_pod: Any, xcom_result: dict | None = None, context: Any = None
+    ) -> None:
+        self._last_remote_pod = remote_pod
+        super().cleanup(pod=pod, remote_pod=remote_pod, xcom_result=xcom_result, context=context)
+
+    def _attempt(self, context: Context, run: Any) -> Any:
+        from airflow.sdk.exceptions import AirflowException, AirflowFailException
+        from kubernetes.client.exceptions import ApiException
+
+        from trainyard.pod_failures import api_refusal, classify
+
+        self._last_remote_pod = None
+        try:
+            return run()
+        except ApiException as exc:
+            refusal = api_refusal(exc)
+            if refusal is None:
+                raise
+            # A refused pod never started; an unknown PriorityClass or an invalid spec will not fix itself.
+            permanent = exc.status == 422 or "PriorityClass" in refusal
+            error = AirflowFailException if permanent else AirflowException
+            raise error(f"Kubernetes refused the training pod: {refusal}") from None
+        except Exception as exc:
+            if self._last_remote_pod is None:
+                raise
+            failure = classify(self._last_remote_pod, self.base_container_name)
+            relaunches = self._relaunch_count(context)
+            if failure.is_disruption and relaunches < self.max_relaunches:
+                self._store_relaunch_count(context, relaunches + 1)
+                self.log.warning(
+                    "%s. Relaunching (%d/%d, no Airflow retry used); the trainer resumes from its last "
+                    "checkpoint.",
+                    failure.message,
+                    relaunches + 1,
+                    self.max_relaunches,
+                )
+                self.pod = self.pod_request_obj = self.remote_pod = None
+                return _RELAUNCH
+            if failure.is_disruption:
+                message = (
+                    f"{failure.message}; gave up after {relaunches} relaunches (max_preemption_relaunches)"
+                )
+            else:
+                message = failure.message
+            raise AirflowException(f"Training pod failed: {message}") from exc
+        except BaseException:
+            self._delete_active_pod()  # timeouts and kills: the pod never outlives its task
+            raise
+
+    def _delete_active_pod(self) -> None:
+        pod = self.pod
+        if pod is None:
+            return
+        try:
+            remote = self.pod_manager.read_pod(pod)
+            if remote.status and remote.status.phase in ("Pending", "Running"):
+                self.log.warning("Deleting still-active pod %s", pod.metadata.name)
+                self.pod_manager.delete_pod(remote)
+        except Exception:  # best effort: on_kill and activeDeadlineSeconds back this up
+            self.log.exception("Could not delete pod %s", pod.metadata.name)
+
+    def _relaunch_count(self, context: Context) -> int:
+        value = context["ti"].xcom_pull(task_ids=self.task_id, key=RELAUNCH_KEY)
+        return int(value or 0)
+
+    def _store_relaunch_count(self, context: Context, count: int) -> None:
+        context["ti"].xcom_push(key=RELAUNCH_KEY, value=count)
+
+
+RELAUNCH_KEY = "trainyard_relaunches"
+_RELAUNCH = object()

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from trainyard.config import ResolvedPipeline
 
 
-def _validation_lines(client, run_id: str) -> list[str]:
+def _validation_lines(client: Any, run_id: str) -> list[str]:
+    from mlflow.exceptions import MlflowException
+
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(run_id, "validation_report.json", tmp)
-        except Exception:
+        except (MlflowException, OSError):  # a run without the report still gets a summary
             return ["  (no validation report logged)"]
         report = json.loads(Path(path).read_text())
     lines = []
@@ -27,6 +30,7 @@ def _validation_lines(client, run_id: str) -> list[str]:
 
 
 def latest_summary(pipeline: ResolvedPipeline) -> str:
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     tracking_uri = pipeline.environment.mlflow.tracking_uri
@@ -69,7 +73,7 @@ def latest_summary(pipeline: ResolvedPipeline) -> str:
     try:
         champion = client.get_model_version_by_alias(name, rule.alias)
         lines.append(f"Current {rule.alias}: {name} v{champion.version}")
-    except Exception:
+    except MlflowException:  # no alias yet
         lines.append(f"Current {rule.alias}: none")
     if tracking_uri.startswith("sqlite:"):
         lines.append(

@@ -1,0 +1,96 @@
+"""Why a training pod ended badly, and whether that was the cluster's doing or the job's.
+
+Preemption and eviction are normal on a shared GPU cluster: the pod is relaunched and resumes
+from its checkpoint without spending an Airflow retry. Everything else is a genuine failure that
+gets a message naming its cause.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Kind = Literal[
+    "preempted", "evicted", "oom_killed", "image_pull", "config", "deadline", "exit_code", "unknown"
+]
+DISRUPTIONS: frozenset[str] = frozenset({"preempted", "evicted"})
+IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
+CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError", "RunContainerError")
+
+
+@dataclass(frozen=True)
+class PodFailure:
+    kind: Kind
+    message: str
+
+    @property
+    def is_disruption(self) -> bool:
+        return self.kind in DISRUPTIONS
+
+
+def _get(obj: Any, *names: str) -> Any:
+    for name in names:
+        if obj is None:
+            return None
+        obj = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+    return obj
+
+
+def classify(pod: Any, container: str = "base") -> PodFailure:
+    """Classify a finished (or stuck) pod; ``pod`` is a V1Pod or its dict form."""
+    name = _get(pod, "metadata", "name") or "the pod"
+    status = _get(pod, "status")
+    for condition in _get(status, "conditions") or []:
+        if _get(condition, "type") == "DisruptionTarget" and _get(condition, "status") == "True":
+            reason = _get(condition, "reason") or "Disruption"
+            kind: Kind = "preempted" if reason == "PreemptionByScheduler" else "evicted"
+            detail = _get(condition, "message") or ""
+            return PodFailure(kind, f"pod {name} was {kind} by the cluster ({reason}) {detail}".strip())
+    if _get(status, "reason") == "Evicted":
+        return PodFailure("evicted", f"pod {name} was evicted: {_get(status, 'message') or 'node pressure'}")
+    if _get(status, "reason") == "DeadlineExceeded":
+        return PodFailure(
+            "deadline",
+            f"pod {name} ran past activeDeadlineSeconds (the task's execution timeout) and was stopped",
+        )
+    statuses = [s for s in _get(status, "container_statuses") or _get(status, "containerStatuses") or []]
+    state = next((_get(s, "state") for s in statuses if _get(s, "name") == container), None)
+    waiting = _get(state, "waiting")
+    if waiting is not None:
+        reason = _get(waiting, "reason") or ""
+        detail = _get(waiting, "message") or ""
+        if reason in IMAGE_PULL_REASONS:
+            image = next((_get(s, "image") for s in statuses if _get(s, "name") == container), "?")
+            return PodFailure("image_pull", f"image pull failed for {image} ({reason}) {detail}".strip())
+        if reason in CONFIG_REASONS:
+            return PodFailure("config", f"the container could not start ({reason}): {detail}".strip())
+    terminated = _get(state, "terminated")
+    if terminated is not None:
+        code = _get(terminated, "exit_code")
+        code = _get(terminated, "exitCode") if code is None else code
+        reason = _get(terminated, "reason") or ""
+        if reason == "OOMKilled":
+            return PodFailure(
+                "oom_killed",
+                f"the trainer was OOMKilled (exit code {code}): it needed more memory than the pod's limit; "
+                "raise resources.memory or lower training.batch_size",
+            )
+        message = (_get(terminated, "message") or "").strip()
+        suffix = f": {message}" if message else ""
+        return PodFailure("exit_code", f"the trainer exited with code {code} ({reason or 'Error'}){suffix}")
+    phase = _get(status, "phase") or "Unknown"
+    return PodFailure("unknown", f"pod {name} ended in phase {phase}")
+
+
+def api_refusal(exc: Exception) -> str | None:
+    """The API server's own words for a refused pod (admission, quota, schema), if ``exc`` is one."""
+    status = getattr(exc, "status", None)
+    body = getattr(exc, "body", None)
+    if status not in (403, 404, 409, 422) or not body:
+        return None
+    try:
+        payload = json.loads(body)
+    except (TypeError, ValueError):
+        return str(body)
+    return payload.get("message") or str(payload)

@@ -1,0 +1,131 @@
+"""The whole pipeline through real Airflow (`airflow dags test`), a real trainer and a real MLflow.
+
+Uses the local launcher with a tiny BERT built by the tests, so a run takes seconds of training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import DAGS, ROOT
+from tests.support.synthetic_data import write_splits
+from tests.support.tiny_model import build_tiny_model
+
+pytestmark = pytest.mark.slow
+
+PIPELINE = "tiny-sentiment"
+
+
+def _pipeline_yaml(model_dir: str) -> dict:
+    return {
+        "name": PIPELINE,
+        "description": "Tiny BERT on synthetic sentiment, for end-to-end tests.",
+        "owner": "tests@example.com",
+        "team": "qa",
+        "schedule": None,
+        "dataset": {
+            "train": "tiny/train.csv",
+            "validation": "tiny/validation.csv",
+            "label_names": ["negative", "positive"],
+            "checks": {"min_rows": 100, "min_validation_rows": 20},
+        },
+        "model": {"base": model_dir, "max_length": 32},
+        "training": {"epochs": 1, "batch_size": 16, "learning_rate": 1e-3, "checkpoint_every_steps": 10},
+        "promotion": {"metric": "eval_accuracy", "min_improvement": 0.0},
+        "overridable": ["epochs", "learning_rate", "max_steps"],
+    }
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, airflow_db) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("trainyard-home")
+    write_splits(home / "data" / "tiny", train_rows=320, validation_rows=80)
+    build_tiny_model(home / "models" / "tiny-bert")
+    pipelines = tmp_path_factory.mktemp("pipelines")
+    (pipelines / f"{PIPELINE}.yaml").write_text(yaml.safe_dump(_pipeline_yaml("tiny-bert"), sort_keys=False))
+    env = {
+        **os.environ,
+        "TRAINYARD_ENV": "local",
+        "TRAINYARD_HOME": str(home),
+        "TRAINYARD_PIPELINES_DIR": str(pipelines),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+    }
+    return env
+
+
+def _dags_test(env: dict[str, str], conf: dict | None = None) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "airflow", "dags", "test", PIPELINE]
+    if conf is not None:
+        argv += ["-c", json.dumps(conf)]
+    return subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _mlflow(env: dict[str, str]):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{env['TRAINYARD_HOME']}/mlflow.db")
+
+
+def _runs(env: dict[str, str]):
+    client = _mlflow(env)
+    experiment = client.get_experiment_by_name(PIPELINE)
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+
+
+def test_bad_conf_is_rejected_before_training(workspace):
+    result = _dags_test(workspace, {"epochs": 1, "image": "attacker/image:1"})
+    output = result.stdout + result.stderr
+    assert "Trigger conf rejected for pipeline 'tiny-sentiment'" in output
+    assert "'image' is not a known setting" in output
+    assert "Allowed keys: epochs, learning_rate, max_steps" in output
+    assert "Starting trainer" not in output, "the trainer never started"
+    assert _runs(workspace) == [], "no MLflow run was created"
+
+
+def test_a_run_trains_tracks_and_promotes(workspace):
+    result = _dags_test(workspace)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "Data validation report" in output
+    (run,) = _runs(workspace)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["trainyard.pipeline"] == PIPELINE
+    assert run.data.tags["trainyard.environment"] == "local"
+    assert run.data.tags["trainyard.dataset_fingerprint"].startswith("sha256:")
+    assert run.data.tags["airflow.dag_id"] == PIPELINE
+    client = _mlflow(workspace)
+    champion = client.get_model_version_by_alias(PIPELINE, "champion")
+    assert champion.run_id == run.info.run_id
+    assert champion.tags["trainyard.decision"] == "promoted"
+    assert champion.tags["airflow.run_id"] == run.data.tags["airflow.run_id"]
+
+
+def test_conf_overrides_reach_the_trainer(workspace):
+    result = _dags_test(workspace, {"learning_rate": 0.0005, "max_steps": 7})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    latest = _runs(workspace)[0]
+    assert float(latest.data.params["learning_rate"]) == 0.0005
+    assert latest.data.params["max_steps"] == "7"
+    # Whatever the verdict, the decision is recorded on the new version.
+    client = _mlflow(workspace)
+    (version,) = client.search_model_versions(f"name = '{PIPELINE}' and run_id = '{latest.info.run_id}'")
+    assert version.tags["trainyard.decision"] in {"promoted", "rejected"}
+    assert version.tags["trainyard.reason"]
+
+
+def test_summary_reads_the_latest_run(workspace):
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "trainyard"), "summary", PIPELINE],
+        env=workspace, cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    assert f"Pipeline {PIPELINE} (environment local)" in result.stdout
+    assert "eval_accuracy=" in result.stdout and "Current champion:" in result.stdout
