@@ -6,6 +6,7 @@ Machine-readable output goes to stdout; logs go to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -35,12 +36,12 @@ def emit(text: str) -> None:
     stream.flush()
 
 
-def _stdout_to_stderr() -> None:
-    """Airflow's loggers write to stdout; point file descriptor 1 at stderr and keep a private stdout."""
+def _private_stdout() -> TextIO:
+    """Airflow's loggers write to stdout: point file descriptor 1 at stderr, keep a private stdout."""
     sys.stdout.flush()
-    _output["stream"] = os.fdopen(os.dup(1), "w")
+    private = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    sys.stdout = sys.stderr
+    return private
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
@@ -147,14 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if argv is None:  # a real process (tests call main() in-process and capture output)
-        _stdout_to_stderr()
+    # A real process also moves file descriptor 1; in-process callers (tests) keep theirs.
+    _output["stream"] = _private_stdout() if argv is None else sys.stdout
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        with contextlib.redirect_stdout(sys.stderr):
+            return args.func(args)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
+    finally:
+        _output["stream"] = None
 
 
 if __name__ == "__main__":
