@@ -1,8 +1,7 @@
 """Resumable checkpoints and SIGTERM handling (DESIGN.md principle 8: preemption is normal).
 
-* ``Preemption`` turns SIGTERM into a clean stop: outside the training loop it raises ``Terminated``
-  at once; inside it only sets a flag that ``PreemptionCallback`` turns into "save a checkpoint at
-  the end of this step, then stop".
+* ``PreemptionCallback`` turns the SIGTERM flag of ``trainer.preemption.Preemption`` into "save a
+  checkpoint at the end of this step, then stop".
 * ``CheckpointStore`` is the checkpoint directory of one DAG run: a local directory, or an ``s3://``
   prefix mirrored from a local working directory (downloaded at start, uploaded after each save).
   It also keeps the MLflow run id, so a relaunched pod continues the same MLflow run.
@@ -16,14 +15,12 @@ import logging
 import os
 import re
 import shutil
-import signal
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from trainer.errors import Terminated
+from trainer.preemption import Preemption
 from trainer.storage import is_s3, storage_options
 
 logger = logging.getLogger(__name__)
@@ -32,38 +29,6 @@ logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"
 RUN_ID_FILE = "mlflow_run_id"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-class Preemption:
-    """Remembers SIGTERM; raises ``Terminated`` unless the training loop is running (``deferred``)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._deferred = False
-
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-
-    def _on_sigterm(self, signum: int, frame: object) -> None:
-        self.requested = True
-        if self._deferred:
-            logger.warning("SIGTERM received: saving a checkpoint at the end of the current step, then stopping")
-            return
-        raise Terminated("SIGTERM")
-
-    @contextlib.contextmanager
-    def deferred(self) -> Iterator[None]:
-        """Inside this block SIGTERM only sets the flag; leaving it raises ``Terminated`` if one came."""
-        self._deferred = True
-        try:
-            yield
-        finally:
-            self._deferred = False
-        self.check()
-
-    def check(self) -> None:
-        if self.requested:
-            raise Terminated("SIGTERM")
 
 
 class PreemptionCallback(TrainerCallback):
@@ -131,7 +96,7 @@ class CheckpointStore:
 
     def read_run_id(self) -> str | None:
         path = self.local_dir / RUN_ID_FILE
-        return path.read_text().strip() or None if path.is_file() else None
+        return (path.read_text().strip() or None) if path.is_file() else None
 
     def write_run_id(self, run_id: str) -> None:
         self.local_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ class TrainerInputError(Exception):
     """
 
 
-class Terminated(BaseException):  # noqa: N818 - reads as "the run was terminated"
+class Terminated(BaseException):
     """SIGTERM arrived: a checkpoint was saved where possible and the process exits with 143.
 
     A ``BaseException`` so that no ``except Exception`` on the way up swallows it.

@@ -28,11 +28,14 @@ class Preemption:
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
+        first = not self.requested
         self.requested = True
         if self._deferred:
-            logger.warning("SIGTERM received: saving a checkpoint at the end of the current step, then stopping")
+            if first:
+                logger.warning("SIGTERM received: saving a checkpoint at the end of this step, then stopping")
             return
-        raise Terminated("SIGTERM")
+        if first:  # a repeated SIGTERM must not interrupt the clean-up the first one started
+            raise Terminated("SIGTERM")
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:

@@ -65,7 +65,9 @@ class Tracker:
 
         mlflow.set_tracking_uri(self.spec.mlflow.tracking_uri)
         experiment_id = self._experiment_id()
-        run_id = previous_run_id if previous_run_id and self._resumable(previous_run_id, experiment_id) else None
+        run_id = (
+            previous_run_id if previous_run_id and self._resumable(previous_run_id, experiment_id) else None
+        )
         identity = self.spec.identity
         run = mlflow.start_run(
             run_id=run_id,
@@ -109,10 +111,14 @@ class Tracker:
         try:
             run = MlflowClient().get_run(run_id)
         except MlflowException as error:
-            logger.warning("Checkpoint names MLflow run %s, which cannot be read (%s): starting a new run", run_id, error)
+            logger.warning(
+                "Checkpoint names MLflow run %s, which cannot be read (%s): starting a new run", run_id, error
+            )
             return False
         if run.info.experiment_id != experiment_id or run.info.lifecycle_stage != "active":
-            logger.warning("Checkpoint names MLflow run %s, which is deleted or elsewhere: starting a new run", run_id)
+            logger.warning(
+                "Checkpoint names MLflow run %s, which is deleted or elsewhere: starting a new run", run_id
+            )
             return False
         return True
 
@@ -134,7 +140,9 @@ class Tracker:
             return
         import mlflow
 
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        numeric = {
+            k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
         if numeric:
             mlflow.log_metrics(numeric, step=step)
 

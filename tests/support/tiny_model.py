@@ -7,7 +7,7 @@ from pathlib import Path
 from tests.support.synthetic_data import FILLER, NEGATIVE, POSITIVE, sentiment_rows
 
 #: Extra everyday words so texts outside the synthetic vocabulary still tokenize into real pieces.
-EXTRA_WORDS = (
+EXTRA_WORDS = (  # noqa: SIM905 - a word list reads better as one string
     "a an and are as at be but by for from has have i in is it its me my not of on or so that the "
     "they this to was we were what when with you your very really just like much more most some "
     "neutral positive negative okay fine meh quite rather film show album book song place hotel"
@@ -36,7 +36,7 @@ def build_tiny_model(directory: Path) -> Path:
 
     directory.mkdir(parents=True, exist_ok=True)
     wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(_training_texts(), vocab_size=400, min_frequency=1)
+    wordpiece.train_from_iterator(_training_texts(), vocab_size=400, min_frequency=1, show_progress=False)
     wordpiece.save_model(str(directory))  # vocab.txt
     # transformers 5: the vocabulary is passed as ``vocab`` (a path or a dict), not ``vocab_file``.
     tokenizer = BertTokenizerFast(vocab=str(directory / "vocab.txt"), do_lower_case=True)

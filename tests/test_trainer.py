@@ -1,0 +1,392 @@
+"""``python -m trainer`` for real: a tiny BERT trains in a subprocess, MLflow on a SQLite file, no mocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.synthetic_data import sentiment_rows, write_csv, write_parquet, write_splits
+from tests.support.tiny_model import build_tiny_model
+from trainer.spec import EVAL_METRICS, MODEL_ARTIFACT, DataSpec, RunSpec, run_tags
+from trainer.storage import dataset_fingerprint
+
+TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def splits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_splits(tmp_path_factory.mktemp("data"), train_rows=400, validation_rows=100)
+
+
+def make_spec(
+    tmp_path: Path, model: str, train: str, validation: str, fingerprint: str | None = None, **hyperparameters
+) -> dict:
+    return {
+        "identity": {
+            "pipeline": "tweet-sentiment",
+            "environment": "local",
+            "dag_id": "tweet-sentiment",
+            "run_id": "manual__2026-01-01T00:00:00",
+            "try_number": 1,
+        },
+        "data": {
+            "train_uri": train,
+            "validation_uri": validation,
+            "format": "parquet" if train.endswith(".parquet") else "csv",
+            "text_column": "text",
+            "label_column": "label",
+            "label_names": ["negative", "positive"],
+        },
+        "dataset_fingerprint": fingerprint or dataset_fingerprint(train, validation),
+        "model": {"base": model, "max_length": 32},
+        "hyperparameters": {"epochs": 3, "learning_rate": 1e-3, "batch_size": 16, **hyperparameters},
+        "mlflow": {
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "experiment_name": "tweet-sentiment",
+            "artifact_location": str(tmp_path / "mlartifacts"),
+        },
+        "checkpoint_dir": str(tmp_path / "checkpoints"),
+        "validation_report": {"rows": 500, "checks": "passed"},
+    }
+
+
+def child_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "HF_"))}
+    env.update(
+        HF_HOME=str(tmp_path / "hf-home"),
+        HF_HUB_OFFLINE="1",  # local model paths only; nothing may reach for the Hub
+        MLFLOW_DISABLE_TELEMETRY="true",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",  # the tiny model gains nothing from threads; they thrash on a busy machine
+        **extra,
+    )
+    return env
+
+
+def trainer_command(spec: dict) -> list[str]:
+    return [sys.executable, "-m", "trainer", "--spec", json.dumps(spec)]
+
+
+def run_trainer(spec: dict, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        trainer_command(spec), env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
+    )
+
+
+def result_of(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, f"stdout must hold only the result line: {proc.stdout!r}"
+    return json.loads(lines[0])["trainyard_result"]
+
+
+def mlflow_client(spec: dict):
+    import mlflow
+
+    mlflow.set_tracking_uri(spec["mlflow"]["tracking_uri"])
+    return mlflow.MlflowClient()
+
+
+@pytest.mark.slow
+def test_trains_logs_to_mlflow_and_removes_checkpoints(tmp_path, tiny_model, splits):
+    spec = make_spec(tmp_path, str(tiny_model), str(splits[0]), str(splits[1]))
+    proc = run_trainer(spec, child_env(tmp_path))
+    result = result_of(proc)
+
+    assert re.search(r"step \d+/75 .* loss [\d.]+ .* lr .* samples/s  ETA ", proc.stderr)
+    assert "it/s]" not in proc.stderr, "no tqdm bars when stderr is not a terminal"
+    assert not (tmp_path / "checkpoints").exists()
+
+    client = mlflow_client(spec)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    identity = RunSpec.model_validate(spec).identity
+    expected_tags = run_tags(identity, spec["dataset_fingerprint"])
+    assert {k: run.data.tags.get(k) for k in expected_tags} == expected_tags
+    assert run.data.tags["trainyard.model_uri"] == result["model_uri"]
+    assert "trainyard.resumed_from_step" not in run.data.tags
+
+    params = run.data.params
+    assert params["learning_rate"] == "0.001"
+    assert params["batch_size"] == "16"
+    assert params["model.base"] == str(tiny_model)
+    assert params["data.label_names"] == "negative,positive"
+    assert params["data.train_rows"] == "400"
+    assert params["data.validation_rows"] == "100"
+    assert params["dataset_fingerprint"] == spec["dataset_fingerprint"]
+    assert params["precision_effective"] == "fp32"
+
+    metrics = run.data.metrics
+    for name in EVAL_METRICS:
+        assert result["metrics"][name] == pytest.approx(metrics[name])
+    assert 0.0 <= metrics["eval_f1_macro"] <= 1.0
+    assert 0.8 <= metrics["eval_accuracy"] <= 1.0, "the synthetic data is learnable"
+    assert metrics["eval_loss"] >= 0.0
+    assert {"train_runtime", "train_samples_per_second", "loss", "learning_rate"} <= set(metrics)
+    assert len(client.get_metric_history(run.info.run_id, "loss")) > 5
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "validation_report.json" in artifacts
+
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(result["model_uri"])
+    predictions = model.predict(["the movie love great wonderful day", "the game awful terrible bad phone"])
+    assert list(predictions["label"]) == ["positive", "negative"]
+    # Promotion registers the model by the URI in the trainyard.model_uri tag.
+    version = mlflow.register_model(result["model_uri"], "tweet-sentiment")
+    assert version.run_id == run.info.run_id
+    logged = mlflow.get_logged_model(result["model_uri"].removeprefix("models:/"))
+    assert logged.name == MODEL_ARTIFACT
+    requirements = (Path(logged.artifact_location) / "requirements.txt").read_text().split()
+    assert any(r.startswith("transformers==") for r in requirements)
+    assert any(re.fullmatch(r"torch==[\d.]+", r) for r in requirements)
+
+
+def wait_for(condition, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"trainer exited early: {proc.returncode}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_relaunch_resumes_the_same_run(tmp_path, tiny_model, splits):
+    spec = make_spec(
+        tmp_path, str(tiny_model), str(splits[0]), str(splits[1]), max_steps=200, checkpoint_every_steps=10
+    )
+    checkpoints = tmp_path / "checkpoints"
+    env = child_env(tmp_path)
+    with subprocess.Popen(
+        trainer_command(spec), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        wait_for(lambda: any(checkpoints.glob("checkpoint-*/trainer_state.json")), TIMEOUT_S, proc)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 143, stderr[-4000:]
+    assert stdout == ""
+    saved = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
+    assert saved and saved[-1] < 200
+    assert f"Stopping at step {saved[-1]}: saving a checkpoint" in stderr
+    run_id = (checkpoints / "mlflow_run_id").read_text().strip()
+    assert mlflow_client(spec).get_run(run_id).info.status == "KILLED"
+
+    proc = run_trainer(spec, env)
+    result = result_of(proc)
+    resumed = re.search(r"Resuming from checkpoint \S+ \(step (\d+)\)", proc.stderr)
+    assert resumed and int(resumed.group(1)) == saved[-1] > 0
+    assert result["mlflow_run_id"] == run_id
+    assert result["resumed_from_step"] == saved[-1]
+    run = mlflow_client(spec).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["trainyard.resumed_from_step"] == str(saved[-1])
+    assert run.data.metrics["eval_accuracy"] >= 0.8
+    assert not checkpoints.exists()
+
+
+def test_sigterm_before_training_exits_promptly(tmp_path, tiny_model, splits):
+    spec = make_spec(tmp_path, str(tiny_model), str(splits[0]), str(splits[1]))
+    with subprocess.Popen(
+        trainer_command(spec),
+        env=child_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        time.sleep(1.0)  # still importing torch
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 143, stderr[-4000:]
+    assert time.monotonic() - started < 10
+    assert stdout == ""
+    assert not any((tmp_path / "checkpoints").glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize(
+    ("spec_text", "expected"),
+    [
+        ('{"identity": {}}', "identity.pipeline"),
+        ("{not json", "Invalid JSON"),
+    ],
+)
+def test_invalid_spec_exits_2_with_the_validation_message(tmp_path, spec_text, expected):
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "--spec", spec_text],
+        env=child_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "invalid run spec" in proc.stderr
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_invalid_spec_file_field_is_named(tmp_path, tiny_model, splits):
+    spec = make_spec(tmp_path, str(tiny_model), str(splits[0]), str(splits[1]))
+    spec["hyperparameters"]["learning_rte"] = 0.1
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "--spec-file", str(path)],
+        env=child_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "hyperparameters.learning_rte" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_unknown_label_value_is_an_error_naming_it(tmp_path, tiny_model):
+    rows = sentiment_rows(40, seed=3)
+    rows[7]["label"] = "neutral"
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(40, seed=4))
+    validation = write_csv(tmp_path / "validation.csv", rows)
+    spec = make_spec(tmp_path, str(tiny_model), str(train), str(validation))
+    proc = run_trainer(spec, child_env(tmp_path))
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    assert "validation data has unknown label value 'neutral' in column 'label'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+# -- in-process pieces -------------------------------------------------------------------------------
+
+
+def test_label_mapping_accepts_names_and_integer_ids():
+    from trainer.data import label_mapping
+    from trainer.errors import TrainerInputError
+
+    data = DataSpec(
+        train_uri="t.csv",
+        validation_uri="v.csv",
+        format="csv",
+        text_column="text",
+        label_column="label",
+        label_names=("negative", "neutral", "positive"),
+    )
+    assert label_mapping(["positive", "negative"], data, "train") == {"positive": 2, "negative": 0}
+    assert label_mapping([0, 2, 1.0], data, "train") == {0: 0, 2: 2, 1.0: 1}
+    with pytest.raises(TrainerInputError, match=r"unknown label value 3, 'Positive', an empty value"):
+        label_mapping([3, "Positive", None, 1], data, "train")
+
+
+def test_changed_data_is_refused(tmp_path, splits):
+    from trainer.data import verify_fingerprint
+    from trainer.errors import TrainerInputError
+
+    approved = "sha256:" + "0" * 64
+    spec = RunSpec.model_validate(make_spec(tmp_path, "unused", str(splits[0]), str(splits[1]), approved))
+    with pytest.raises(TrainerInputError, match="the dataset changed after it was validated"):
+        verify_fingerprint(spec)
+
+
+def test_parquet_with_integer_labels_loads_as_ids(tmp_path):
+    from trainer.data import load_splits
+
+    rows = [{"text": r["text"], "label": int(r["label"] == "positive")} for r in sentiment_rows(20, seed=5)]
+    train = write_parquet(tmp_path / "train.parquet", rows)
+    validation = write_parquet(tmp_path / "validation.parquet", rows[:6])
+    spec = RunSpec.model_validate(make_spec(tmp_path, "unused", str(train), str(validation)))
+    data = load_splits(spec)
+    assert data["train"]["labels"] == [row["label"] for row in rows]
+    assert data["validation"].features["labels"].names == ["negative", "positive"]
+
+
+# -- s3:// data, base model and checkpoint root (moto's S3 server) ------------------------------------
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    credentials = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    for key, value in credentials.items():
+        monkeypatch.setenv(key, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="trainyard")
+    yield endpoint, credentials
+    server.stop()
+
+
+def upload_tree(endpoint: str, local: Path, prefix: str) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    for path in local.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), "trainyard", f"{prefix}/{path.relative_to(local).as_posix()}")
+
+
+@pytest.mark.slow
+def test_s3_data_model_and_checkpoints(tmp_path, tiny_model, splits, s3):
+    endpoint, credentials = s3
+    upload_tree(endpoint, splits[0].parent, "data")
+    upload_tree(endpoint, tiny_model, "models/tiny")
+    train, validation = "s3://trainyard/data/train.csv", "s3://trainyard/data/validation.csv"
+    spec = make_spec(
+        tmp_path,
+        "s3://trainyard/models/tiny",
+        train,
+        validation,
+        fingerprint=dataset_fingerprint(train, validation, endpoint),
+        epochs=1,
+        checkpoint_every_steps=10,
+    )
+    spec.update(
+        s3_endpoint_url=endpoint, checkpoint_dir="s3://trainyard/checkpoints/run-1", keep_checkpoints=True
+    )
+    env = child_env(tmp_path, TRAINYARD_WORK_DIR=str(tmp_path / "work"), **credentials)
+    del env["HF_HUB_OFFLINE"]  # it breaks non-streaming load_dataset from s3:// (DESIGN.md)
+    result = result_of(run_trainer(spec, env))
+    assert result["metrics"]["eval_accuracy"] >= 0.0
+
+    import fsspec
+
+    from trainer.checkpoints import CheckpointStore
+
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint})
+    remote = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("trainyard/checkpoints/run-1"))
+    assert remote == ["checkpoint-20", "checkpoint-25", "mlflow_run_id"]  # save_total_limit=2, mirrored
+    assert (
+        fs.cat_file("trainyard/checkpoints/run-1/mlflow_run_id").decode().strip() == result["mlflow_run_id"]
+    )
+
+    # A fresh pod (empty work dir) gets the newest checkpoint and the run id back.
+    store = CheckpointStore(spec["checkpoint_dir"], endpoint, work_dir=str(tmp_path / "fresh-pod"))
+    store.download()
+    assert store.latest().name == "checkpoint-25"
+    assert (store.latest() / "trainer_state.json").is_file()
+    assert store.read_run_id() == result["mlflow_run_id"]
+    store.remove()
+    assert not fs.exists("trainyard/checkpoints/run-1")

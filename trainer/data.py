@@ -1,0 +1,123 @@
+"""Reading the train/validation files and turning them into model inputs.
+
+Labels arrive as names (``"positive"``) or integer ids; they leave as ids in ``spec.data.label_names``
+order, in a ``labels`` column. Nothing is dropped silently: an unknown or empty label is an error that
+names the value.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from trainer.errors import TrainerInputError
+from trainer.spec import DataSpec, RunSpec
+from trainer.storage import dataset_fingerprint, storage_options
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation")
+
+
+def load_splits(spec: RunSpec):
+    """A ``DatasetDict`` of ``train`` and ``validation``, columns ``text`` (str) and ``labels`` (id)."""
+    import datasets
+
+    data = spec.data
+    files = {"train": data.train_uri, "validation": data.validation_uri}
+    verify_fingerprint(spec)
+    options = storage_options(data.train_uri, spec.s3_endpoint_url) or storage_options(
+        data.validation_uri, spec.s3_endpoint_url
+    )
+    try:
+        raw = datasets.load_dataset(data.format, data_files=files, storage_options=options)
+    except FileNotFoundError as error:
+        raise TrainerInputError(f"dataset file not found: {error}") from error
+
+    for split in SPLITS:
+        columns = raw[split].column_names
+        missing = [c for c in (data.text_column, data.label_column) if c not in columns]
+        if missing:
+            raise TrainerInputError(
+                f"{split} data ({files[split]}) has no column {', '.join(map(repr, missing))}; "
+                f"its columns are: {', '.join(columns)}"
+            )
+        if raw[split].num_rows == 0:
+            raise TrainerInputError(f"{split} data ({files[split]}) has no rows")
+
+    raw = raw.select_columns([data.text_column, data.label_column])
+    mappings = {split: label_mapping(raw[split].unique(data.label_column), data, split) for split in SPLITS}
+
+    def to_ids(batch: dict[str, list], split: str) -> dict[str, list]:
+        texts = batch[data.text_column]
+        if any(text is None for text in texts):
+            raise TrainerInputError(f"{split} data has an empty value in text column {data.text_column!r}")
+        return {
+            "text": [str(text) for text in texts],
+            "labels": [mappings[split][v] for v in batch[data.label_column]],
+        }
+
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "labels": datasets.ClassLabel(names=list(data.label_names))}
+    )
+    return datasets.DatasetDict(
+        {
+            split: raw[split].map(
+                to_ids,
+                batched=True,
+                fn_kwargs={"split": split},
+                remove_columns=raw[split].column_names,
+                features=features,
+                desc=f"labels ({split})",
+            )
+            for split in SPLITS
+        }
+    )
+
+
+def verify_fingerprint(spec: RunSpec) -> None:
+    """Train only on the bytes ``validate_data`` approved: the MLflow tag must not lie (principle 9)."""
+    try:
+        actual = dataset_fingerprint(spec.data.train_uri, spec.data.validation_uri, spec.s3_endpoint_url)
+    except FileNotFoundError as error:
+        raise TrainerInputError(f"dataset file not found: {error}") from error
+    if actual != spec.dataset_fingerprint:
+        raise TrainerInputError(
+            f"the dataset changed after it was validated: fingerprint is {actual}, "
+            f"the spec approved {spec.dataset_fingerprint}; validate the data again"
+        )
+
+
+def label_mapping(values: list[Any], data: DataSpec, split: str) -> dict[Any, int]:
+    """Map each distinct label value of a split to its id; raise naming every value that is not a label."""
+    by_name = {name: index for index, name in enumerate(data.label_names)}
+    mapping: dict[Any, int] = {}
+    unknown = []
+    for value in values:
+        if isinstance(value, str) and value in by_name:
+            mapping[value] = by_name[value]
+        elif isinstance(value, int | float) and not isinstance(value, bool) and float(value).is_integer():
+            if 0 <= int(value) < len(data.label_names):
+                mapping[value] = int(value)
+            else:
+                unknown.append(value)
+        else:
+            unknown.append(value)
+    if unknown:
+        shown = ", ".join("an empty value" if v is None else repr(v) for v in unknown[:10])
+        more = f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""
+        raise TrainerInputError(
+            f"{split} data has unknown label value {shown}{more} in column {data.label_column!r}; "
+            f"expected one of {', '.join(map(repr, data.label_names))} "
+            f"or an integer id 0..{len(data.label_names) - 1}"
+        )
+    return mapping
+
+
+def tokenize(dataset, tokenizer, max_length: int):
+    """Token ids truncated to ``max_length``; padding happens per batch (``DataCollatorWithPadding``)."""
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        return tokenizer(batch["text"], truncation=True, max_length=max_length)
+
+    return dataset.map(encode, batched=True, remove_columns=["text"], desc="tokenize")
