@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,17 +20,20 @@ def _validation_lines(client: Any, run_id: str) -> list[str]:
         except (MlflowException, OSError):  # a run without the report still gets a summary
             return ["  (no validation report logged)"]
         report = json.loads(Path(path).read_text())
-    lines = []
+    checks = report.get("checks", [])
+    failed = [c for c in checks if not c.get("passed")]
+    verdict = "PASSED" if report.get("passed") else "FAILED"
+    lines = [f"  {verdict}: {len(checks) - len(failed)} of {len(checks)} checks passed"]
     for split, stats in report.get("splits", {}).items():
-        lines.append(f"  {split}: {stats.get('rows')} rows, labels {stats.get('label_counts')}")
-    for check in report.get("checks", []):
-        mark = "PASS" if check.get("passed") else "FAIL"
-        lines.append(f"  [{mark}] {check.get('split') or 'both'}: {check.get('message')}")
-    lines.append(f"  fingerprint {report.get('fingerprint')}")
+        labels = ", ".join(f"{name} {count:,}" for name, count in (stats.get("label_counts") or {}).items())
+        lines.append(f"  {split}: {stats.get('rows', 0):,} rows ({labels})")
+    lines += [f"  FAILED {c.get('name')} [{c.get('split')}]: {c.get('message')}" for c in failed]
+    lines.append(f"  dataset fingerprint {report.get('fingerprint')}")
     return lines
 
 
 def latest_summary(pipeline: ResolvedPipeline) -> str:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
