@@ -390,3 +390,22 @@ def test_s3_data_model_and_checkpoints(tmp_path, tiny_model, splits, s3):
     assert store.read_run_id() == result["mlflow_run_id"]
     store.remove()
     assert not fs.exists("trainyard/checkpoints/run-1")
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_processes_logs_one_run_from_rank_zero(tmp_path, tiny_model, splits):
+    """The multi-GPU path (gpus > 1 runs torchrun) on CPU: two gloo ranks, one MLflow run."""
+    spec = make_spec(tmp_path, str(tiny_model), str(splits[0]), str(splits[1]), max_steps=12)
+    spec["hyperparameters"]["checkpoint_every_steps"] = 5
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    argv = [torchrun, "--standalone", "--nproc_per_node=2", *trainer_command(spec)[1:]]
+    env = child_env(tmp_path)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    result = result_of(proc)
+    assert "[rank 0]" in proc.stderr
+    client = mlflow_client(spec)
+    experiment = client.get_experiment_by_name("tweet-sentiment")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_id == result["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert result["global_step"] == 12
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
