@@ -133,3 +133,31 @@ def test_summary_reads_the_latest_run(workspace):
     )
     assert f"Pipeline {PIPELINE} (environment local)" in result.stdout
     assert "eval_accuracy=" in result.stdout and "Current champion:" in result.stdout
+
+
+def test_a_timed_out_train_task_stops_its_trainer_with_a_checkpoint(workspace, tmp_path):
+    """The local twin of "a pod never outlives its task": a timeout SIGTERMs the trainer."""
+    import psutil
+
+    environments = tmp_path / "environments"
+    environments.mkdir()
+    for source in (DAGS / "environments").glob("*.yaml"):
+        text = source.read_text()
+        if source.name == "local.yaml":
+            text = text.replace("execution_timeout_minutes: 120", "execution_timeout_minutes: 0.25")
+        (environments / source.name).write_text(text)
+    env = {**workspace, "TRAINYARD_ENVIRONMENTS_DIR": str(environments), "OMP_NUM_THREADS": "1"}
+    result = _dags_test(env, {"max_steps": 100000, "epochs": 100})
+    output = result.stdout + result.stderr
+    assert "Stopping the trainer" in output, output[-4000:]
+    assert "AirflowTaskTimeout" in output or "Timeout" in output
+    leftovers = [
+        p.info["pid"]
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if "trainer" in (p.info["cmdline"] or [])
+        and "--spec" in (p.info["cmdline"] or [])
+        and workspace["TRAINYARD_HOME"] in " ".join(p.info["cmdline"])
+    ]
+    assert leftovers == [], "no trainer process outlives the task"
+    checkpoints = Path(workspace["TRAINYARD_HOME"]) / "checkpoints" / PIPELINE
+    assert list(checkpoints.glob("*/checkpoint-*")), "the trainer saved a checkpoint on SIGTERM"

@@ -90,6 +90,10 @@ class LocalTrainOperator(BaseOperator):
             result = self._trainer.run()
         except TrainerFailed as exc:
             raise RuntimeError(str(exc)) from None
+        except BaseException:
+            # Timeout or kill: the trainer checkpoints on SIGTERM and must not outlive its task.
+            self._trainer.terminate()
+            raise
         self.log.info(
             "Training finished: MLflow run %s, metrics %s", result.get("run_id"), result.get("metrics")
         )
