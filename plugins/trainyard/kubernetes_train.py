@@ -212,11 +212,25 @@ class KubernetesTrainOperator(KubernetesPodOperator):
     def cleanup(
         self, pod: Any, remote_pod: Any, xcom_result: dict | None = None, context: Any = None
     ) -> None:
+        # When the wait for the pod ended early (launch failure, timeout) ``remote_pod`` is the copy
+        # read right after creation, still Pending: read the pod again so that the failure is
+        # classified (and the pod kept or deleted) by its real state, before cleanup may delete it.
+        remote_pod = self._refreshed(remote_pod)
         self._last_remote_pod = remote_pod
         super().cleanup(pod=pod, remote_pod=remote_pod, xcom_result=xcom_result, context=context)
 
+    def _refreshed(self, remote_pod: Any) -> Any:
+        phase = getattr(getattr(remote_pod, "status", None), "phase", None)
+        if remote_pod is None or phase in ("Succeeded", "Failed"):
+            return remote_pod
+        try:
+            return self.pod_manager.read_pod(remote_pod)
+        except Exception:  # best effort: classify what we have
+            self.log.warning("Could not re-read pod %s", remote_pod.metadata.name, exc_info=True)
+            return remote_pod
+
     def _attempt(self, context: Context, run: Any) -> Any:
-        from airflow.sdk.exceptions import AirflowException, AirflowFailException
+        from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
         from kubernetes.client.exceptions import ApiException
 
         from trainyard.pod_failures import api_refusal, classify
@@ -224,6 +238,8 @@ class KubernetesTrainOperator(KubernetesPodOperator):
         self._last_remote_pod = None
         try:
             return run()
+        except TaskDeferred:
+            raise  # deferrable mode: the pod keeps running and the trigger watches it
         except ApiException as exc:
             refusal = api_refusal(exc)
             if refusal is None:
@@ -233,6 +249,12 @@ class KubernetesTrainOperator(KubernetesPodOperator):
             error = AirflowFailException if permanent else AirflowException
             raise error(f"Kubernetes refused the training pod: {refusal}") from None
         except Exception as exc:
+            interruption = _interruption(exc)
+            if interruption is not None:
+                # The pod operator's cleanup (a ``finally:``) raised "Pod ... returned a failure" for
+                # the still-running pod over a timeout or kill: delete the pod, re-raise the real cause.
+                self._delete_active_pod()
+                raise interruption from None
             if self._last_remote_pod is None:
                 raise
             failure = classify(self._last_remote_pod, self.base_container_name)
@@ -281,3 +303,17 @@ class KubernetesTrainOperator(KubernetesPodOperator):
 
 RELAUNCH_KEY = "trainyard_relaunches"
 _RELAUNCH = object()
+
+
+def _interruption(exc: BaseException) -> BaseException | None:
+    """The task timeout or kill (never an ``Exception``) that ``exc`` was raised while handling."""
+    from airflow.sdk.exceptions import AirflowTaskTimeout
+
+    seen: set[int] = set()
+    current = exc.__context__
+    while current is not None and id(current) not in seen:
+        if isinstance(current, AirflowTaskTimeout | KeyboardInterrupt | SystemExit):
+            return current
+        seen.add(id(current))
+        current = current.__context__
+    return None
