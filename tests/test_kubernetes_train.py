@@ -47,7 +47,7 @@ RUN_TIMEOUT = 300
 
 # scenario (= environment name) -> namespace
 MAIN, OOM, NO_PRIORITY, QUOTA, TIMEOUT = "k8s-test", "k8s-oom", "k8s-noprio", "k8s-quota", "k8s-timeout"
-BAD_IMAGE, NO_MODEL = "k8s-badimage", "k8s-nomodel"
+BAD_IMAGE, NO_MODEL, EVICT = "k8s-badimage", "k8s-nomodel", "k8s-evict"
 NAMESPACES = {
     MAIN: "ty-main",
     OOM: "ty-oom",
@@ -56,6 +56,7 @@ NAMESPACES = {
     TIMEOUT: "ty-timeout",
     BAD_IMAGE: "ty-image",
     NO_MODEL: "ty-exit",
+    EVICT: "ty-evict",
 }
 MISSING_IMAGE = "ghcr.io/trainyard/does-not-exist:0.1.0"
 QUOTA_NAME = "gpu-quota"
@@ -275,6 +276,7 @@ def cluster(tmp_path_factory, airflow_db):
         TIMEOUT: {"execution_timeout_minutes": 0.15, "on_finish_action": "delete_succeeded_pod"},
         BAD_IMAGE: {"image": MISSING_IMAGE},
         NO_MODEL: {"models_root": str(home / "no-models")},  # the trainer exits 3: no base model
+        EVICT: {"max_preemption_relaunches": 1},
     }
     for name, extra in specific.items():
         (environments / f"{name}.yaml").write_text(
@@ -465,12 +467,34 @@ def test_oom_killed_trainer_fails_without_relaunch(cluster):
     assert mlflow_run.info.status != "FINISHED"
 
 
+def test_evictions_beyond_the_relaunch_limit_fail_the_task(cluster):
+    namespace = NAMESPACES[EVICT]
+    run = cluster.start(EVICT)
+    for attempt in range(2):  # max_preemption_relaunches is 1: the second eviction is one too many
+        pod = _running_pod(cluster, namespace, run)
+        name = pod["metadata"]["name"]
+        _wait_until(lambda name=name: _step_logged(cluster, namespace, name), 120, "a training step", run)
+        cluster.emulator.evict(namespace, name)
+        if attempt == 0:
+            _wait_until(lambda: cluster.posts(namespace) == 2, 60, "the relaunched pod", run)
+    code, output, _ = run.finish()
+    assert code != 0
+    assert "Relaunching (1/1, no Airflow retry used)" in output, output[-6000:]
+    assert "was evicted by the cluster (EvictionByEvictionAPI)" in output
+    assert "gave up after 1 relaunches (max_preemption_relaunches)" in output
+    assert cluster.posts(namespace) == 2
+
+
 @pytest.mark.parametrize(
     ("environment", "causes"),
     [
         pytest.param(
             NO_MODEL,
-            ["Training pod failed: the trainer exited with code 3", "not a model directory (no config.json)"],
+            # FallbackToLogsOnError: the log tail (the trainer's own error) is in the failure message
+            [
+                "Training pod failed: the trainer exited with code 3 (Error): ",
+                "not a model directory (no config.json)",
+            ],
             id="trainer-exits-3",
         ),
         pytest.param(

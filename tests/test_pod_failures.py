@@ -6,6 +6,8 @@ same function real pods end to end).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from trainyard.pod_failures import api_refusal, classify
@@ -81,5 +83,15 @@ def test_api_refusal_returns_the_servers_message():
         status = 500
         body = "{}"
 
+    class PodGone(Exception):
+        status = 404
+        body = json.dumps({"kind": "Status", "message": 'pods "x" not found', "details": {"kind": "pods"}})
+
+    class NoNamespace(Exception):
+        status = 404
+        body = json.dumps({"message": 'namespaces "ty" not found', "details": {"kind": "namespaces"}})
+
     assert api_refusal(Refused()) == 'pods "x" is forbidden: no PriorityClass with name p'
     assert api_refusal(Flaky()) is None
+    assert api_refusal(PodGone()) is None, "a pod deleted mid-run is not a refused pod"
+    assert api_refusal(NoNamespace()) == 'namespaces "ty" not found'

@@ -153,6 +153,8 @@ def pod_kwargs(pipeline: ResolvedPipeline) -> dict[str, Any]:
         "do_xcom_push": False,
         "reattach_on_restart": False,
         "log_events_on_failure": True,
+        # The last lines of a failing trainer's log become the failure message Airflow shows.
+        "termination_message_policy": "FallbackToLogsOnError",
     }
 
 

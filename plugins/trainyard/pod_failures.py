@@ -92,5 +92,10 @@ def api_refusal(exc: Exception) -> str | None:
     try:
         payload = json.loads(body)
     except (TypeError, ValueError):
-        return str(body)
-    return payload.get("message") or str(payload)
+        return None
+    message = payload.get("message") or str(payload)
+    details = payload.get("details") or {}
+    # A 404 is a refusal only when the namespace is missing; a pod that vanished mid-run is not one.
+    if status == 404 and details.get("kind") != "namespaces" and "namespaces" not in message:
+        return None
+    return message
