@@ -14,7 +14,8 @@ DAGS = ROOT / "dags"
 
 # Airflow reads its configuration when first imported: point it at a throwaway home first.
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="trainyard-test-airflow-"))
-os.environ.setdefault("AIRFLOW_HOME", str(_AIRFLOW_HOME))
+os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)  # never the developer's (or `make demo`'s) Airflow
+os.environ["TRAINYARD_HOME"] = str(_AIRFLOW_HOME / "trainyard-home")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS)
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
