@@ -18,6 +18,7 @@ from kubernetes.client import models as _models
 from trainer.spec import Hyperparameters, RunSpec
 from trainyard.config import ResolvedPipeline
 from trainyard.launch import LaunchSpec, trainer_env
+from trainyard.operators import VALIDATE_TASK
 
 CONTAINER_NAME = "base"  # the KubernetesPodOperator's name for the main container
 CACHE_DIR = "/cache"
@@ -196,7 +197,7 @@ class KubernetesTrainOperator(KubernetesPodOperator):
         self.labels = {**self.labels, **pod_labels(self.pipeline, context["dag_run"].run_id)}
 
     def execute(self, context: Context) -> Any:
-        self.prepare_run(context, context["ti"].xcom_pull(task_ids="validate_data"))
+        self.prepare_run(context, context["ti"].xcom_pull(task_ids=VALIDATE_TASK))
         while True:
             outcome = self._attempt(context, lambda: super(KubernetesTrainOperator, self).execute(context))
             if outcome is not _RELAUNCH:
@@ -207,7 +208,6 @@ class KubernetesTrainOperator(KubernetesPodOperator):
             context, lambda: super(KubernetesTrainOperator, self).trigger_reentry(context, event)
         )
         if outcome is _RELAUNCH:
-            self.prepare_run(context, context["ti"].xcom_pull(task_ids="validate_data"))
             return self.execute(context)  # defers again with a fresh pod
         return outcome
 
