@@ -366,7 +366,7 @@ def test_s3_data_model_and_checkpoints(tmp_path, tiny_model, splits, s3):
     spec.update(
         s3_endpoint_url=endpoint, checkpoint_dir="s3://trainyard/checkpoints/run-1", keep_checkpoints=True
     )
-    env = child_env(tmp_path, TRAINYARD_WORK_DIR=str(tmp_path / "work"), **credentials)
+    env = child_env(tmp_path, TRAINYARD_SCRATCH=str(tmp_path / "work"), **credentials)
     del env["HF_HUB_OFFLINE"]  # it breaks non-streaming load_dataset from s3:// (DESIGN.md)
     result = result_of(run_trainer(spec, env))
     assert result["metrics"]["eval_accuracy"] >= 0.0

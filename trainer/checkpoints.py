@@ -75,7 +75,7 @@ class CheckpointStore:
         self.remote = self.root if is_s3(root) else None
         self._s3_endpoint_url = s3_endpoint_url
         if self.remote:
-            base = Path(work_dir or os.environ.get("TRAINYARD_WORK_DIR") or tempfile.gettempdir())
+            base = Path(work_dir or os.environ.get("TRAINYARD_SCRATCH") or tempfile.gettempdir())
             digest = hashlib.sha256(self.root.encode()).hexdigest()[:16]
             self.local_dir = base / "trainyard-checkpoints" / digest
         else:
