@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import DAGS, ROOT
+from tests.support.pipelines import tiny_pipeline
 from tests.support.synthetic_data import write_splits
 from tests.support.tiny_model import build_tiny_model
 
@@ -23,33 +24,18 @@ pytestmark = pytest.mark.slow
 PIPELINE = "tiny-sentiment"
 
 
-def _pipeline_yaml(model_dir: str) -> dict:
-    return {
-        "name": PIPELINE,
-        "description": "Tiny BERT on synthetic sentiment, for end-to-end tests.",
-        "owner": "tests@example.com",
-        "team": "qa",
-        "schedule": None,
-        "dataset": {
-            "train": "tiny/train.csv",
-            "validation": "tiny/validation.csv",
-            "label_names": ["negative", "positive"],
-            "checks": {"min_rows": 100, "min_validation_rows": 20},
-        },
-        "model": {"base": model_dir, "max_length": 32},
-        "training": {"epochs": 1, "batch_size": 16, "learning_rate": 1e-3, "checkpoint_every_steps": 10},
-        "promotion": {"metric": "eval_accuracy", "min_improvement": 0.0},
-        "overridable": ["epochs", "learning_rate", "max_steps"],
-    }
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, airflow_db) -> dict[str, str]:
     home = tmp_path_factory.mktemp("trainyard-home")
     write_splits(home / "data" / "tiny", train_rows=320, validation_rows=80)
     build_tiny_model(home / "models" / "tiny-bert")
     pipelines = tmp_path_factory.mktemp("pipelines")
-    (pipelines / f"{PIPELINE}.yaml").write_text(yaml.safe_dump(_pipeline_yaml("tiny-bert"), sort_keys=False))
+    (pipelines / f"{PIPELINE}.yaml").write_text(
+        yaml.safe_dump(
+            tiny_pipeline(PIPELINE, "tiny-bert", description="Tiny BERT on synthetic sentiment, end to end."),
+            sort_keys=False,
+        )
+    )
     env = {
         **os.environ,
         "TRAINYARD_ENV": "local",

@@ -31,6 +31,7 @@ import yaml
 
 from tests.conftest import DAGS, ROOT
 from tests.support.k8s_emulator import KubernetesEmulator
+from tests.support.pipelines import tiny_pipeline
 from tests.support.synthetic_data import write_splits
 from tests.support.tiny_model import build_tiny_model
 
@@ -64,20 +65,11 @@ MISSING_PRIORITY_CLASS = "trainyard-missing-class"
 
 
 def _pipeline_yaml(model_dir: str) -> dict:
-    return {
-        "name": PIPELINE,
-        "description": "Tiny BERT on synthetic sentiment, trained in an emulated Kubernetes pod.",
-        "owner": "tests@example.com",
-        "team": "qa",
-        "schedule": None,
-        "dataset": {
-            "train": "tiny/train.csv",
-            "validation": "tiny/validation.csv",
-            "label_names": ["negative", "positive"],
-            "checks": {"min_rows": 100, "min_validation_rows": 20},
-        },
-        "model": {"base": model_dir, "max_length": 32},
-        "training": {
+    return tiny_pipeline(
+        PIPELINE,
+        model_dir,
+        description="Tiny BERT on synthetic sentiment, trained in an emulated Kubernetes pod.",
+        training={
             "epochs": 1,
             "max_steps": 200,
             "batch_size": 16,
@@ -86,10 +78,8 @@ def _pipeline_yaml(model_dir: str) -> dict:
         },
         # The emulator admits extended resources (no scheduling against node capacity), so ask for a
         # GPU like a real pipeline; the trainer falls back to fp32 on CPU.
-        "resources": {"gpus": 1, "cpu": "1", "memory": "2Gi", "shm_size": "256Mi"},
-        "promotion": {"metric": "eval_accuracy", "min_improvement": 0.0},
-        "overridable": ["epochs", "learning_rate", "max_steps"],
-    }
+        resources={"gpus": 1, "cpu": "1", "memory": "2Gi", "shm_size": "256Mi"},
+    )
 
 
 def _environment(home: Path, namespace: str, **kubernetes: Any) -> dict:
