@@ -95,3 +95,12 @@ def test_api_refusal_returns_the_servers_message():
     assert api_refusal(Flaky()) is None
     assert api_refusal(PodGone()) is None, "a pod deleted mid-run is not a refused pod"
     assert api_refusal(NoNamespace()) == 'namespaces "ty" not found'
+
+
+def test_the_exit_code_is_kept_to_decide_on_retries():
+    from trainer.spec import PERMANENT_EXIT_CODES
+
+    bad_input = classify(_pod(terminated={"exitCode": 3, "reason": "Error"}))
+    crash = classify(_pod(terminated={"exitCode": 1, "reason": "Error"}))
+    assert bad_input.exit_code in PERMANENT_EXIT_CODES
+    assert crash.exit_code == 1 and crash.exit_code not in PERMANENT_EXIT_CODES

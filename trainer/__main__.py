@@ -25,15 +25,14 @@ from pydantic import ValidationError
 
 from trainer.errors import Terminated, TrainerInputError
 from trainer.preemption import Preemption
-from trainer.spec import RunSpec
-
-EXIT_OK, EXIT_FAILED, EXIT_INVALID_SPEC, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = (
-    0,
-    1,
-    2,
-    3,
-    130,
-    143,
+from trainer.spec import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_INVALID_SPEC,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    RunSpec,
 )
 
 logger = logging.getLogger("trainer")

@@ -22,6 +22,12 @@ EVAL_METRICS: dict[str, Literal["max", "min"]] = {
     "eval_loss": "min",
 }
 
+#: Exit codes of ``python -m trainer``. 2 and 3 mean that retrying the same spec cannot help;
+#: 143 (SIGTERM) means a checkpoint was saved and a relaunch resumes from it.
+EXIT_OK, EXIT_FAILED, EXIT_INVALID_SPEC, EXIT_BAD_INPUT = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+PERMANENT_EXIT_CODES = frozenset({EXIT_INVALID_SPEC, EXIT_BAD_INPUT})
+
 #: The artifact path under the MLflow run where the trained model is logged.
 MODEL_ARTIFACT = "model"
 

@@ -15,7 +15,7 @@ from airflow.sdk import Context
 from kubernetes.client import Configuration
 from kubernetes.client import models as _models
 
-from trainer.spec import Hyperparameters, RunSpec
+from trainer.spec import PERMANENT_EXIT_CODES, Hyperparameters, RunSpec
 from trainyard.config import ResolvedPipeline
 from trainyard.launch import LaunchSpec, trainer_env
 from trainyard.operators import VALIDATE_TASK
@@ -278,7 +278,9 @@ class KubernetesTrainOperator(KubernetesPodOperator):
                 )
             else:
                 message = failure.message
-            raise AirflowException(f"Training pod failed: {message}") from exc
+            # A bad spec or bad input fails the same way on every retry: do not spend them.
+            error = AirflowFailException if failure.exit_code in PERMANENT_EXIT_CODES else AirflowException
+            raise error(f"Training pod failed: {message}") from exc
         except BaseException:
             self._delete_active_pod()  # timeouts and kills: the pod never outlives its task
             raise

@@ -16,11 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainer.spec import RunSpec
+from trainer.spec import EXIT_TERMINATED, RunSpec
 
 RESULT_KEY = "trainyard_result"
-#: The trainer's exit code after a SIGTERM: it saved a checkpoint and a relaunch resumes.
-EXIT_INTERRUPTED = 143
 
 
 def trainer_env(environment: str) -> dict[str, str]:
@@ -54,7 +52,7 @@ class TrainerFailed(RuntimeError):
     def __init__(self, exit_code: int, tail: list[str]) -> None:
         self.exit_code = exit_code
         self.tail = tail
-        if exit_code in (EXIT_INTERRUPTED, -signal.SIGTERM):
+        if exit_code in (EXIT_TERMINATED, -signal.SIGTERM):
             cause = "the trainer was interrupted (SIGTERM); it saved a checkpoint and a retry resumes from it"
         else:
             cause = f"the trainer exited with code {exit_code}"

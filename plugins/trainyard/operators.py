@@ -11,7 +11,7 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
-from trainer.spec import Hyperparameters
+from trainer.spec import PERMANENT_EXIT_CODES, Hyperparameters
 from trainyard.config import ResolvedPipeline
 from trainyard.overrides import ConfRejected, validate_conf
 
@@ -89,7 +89,9 @@ class LocalTrainOperator(BaseOperator):
         try:
             result = self._trainer.run()
         except TrainerFailed as exc:
-            raise RuntimeError(str(exc)) from None
+            # A bad spec or bad input fails the same way on every retry: do not spend them.
+            error = AirflowFailException if exc.exit_code in PERMANENT_EXIT_CODES else RuntimeError
+            raise error(str(exc)) from None
         except BaseException:
             # Timeout or kill: the trainer checkpoints on SIGTERM and must not outlive its task.
             self._trainer.terminate()

@@ -23,6 +23,7 @@ CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError", "RunCont
 class PodFailure:
     kind: Kind
     message: str
+    exit_code: int | None = None
 
     @property
     def is_disruption(self) -> bool:
@@ -78,7 +79,9 @@ def classify(pod: Any, container: str = "base") -> PodFailure:
             )
         message = (_get(terminated, "message") or "").strip()
         suffix = f": {message}" if message else ""
-        return PodFailure("exit_code", f"the trainer exited with code {code} ({reason or 'Error'}){suffix}")
+        return PodFailure(
+            "exit_code", f"the trainer exited with code {code} ({reason or 'Error'}){suffix}", code
+        )
     phase = _get(status, "phase") or "Unknown"
     return PodFailure("unknown", f"pod {name} ended in phase {phase}")
 
