@@ -146,4 +146,4 @@ def test_a_timed_out_train_task_stops_its_trainer_with_a_checkpoint(workspace, t
     ]
     assert leftovers == [], "no trainer process outlives the task"
     checkpoints = Path(workspace["TRAINYARD_HOME"]) / "checkpoints" / PIPELINE
-    assert list(checkpoints.glob("*/checkpoint-*")), "the trainer saved a checkpoint on SIGTERM"
+    assert list(checkpoints.glob("*/*/checkpoint-*")), "the trainer saved a checkpoint on SIGTERM"

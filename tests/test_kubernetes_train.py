@@ -152,7 +152,7 @@ class Cluster:
         return client.search_runs([experiment.experiment_id])
 
     def checkpoints(self) -> list[Path]:
-        return sorted((self.home / "checkpoints" / PIPELINE).glob("*/checkpoint-*/trainer_state.json"))
+        return sorted((self.home / "checkpoints" / PIPELINE).glob("*/*/checkpoint-*/trainer_state.json"))
 
     def start(self, environment: str, conf: dict | None = None) -> DagTest:
         return DagTest(self, environment, conf)

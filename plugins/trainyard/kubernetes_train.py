@@ -8,6 +8,7 @@ as validated hyperparameters inside the JSON run spec argument (DESIGN.md princi
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
@@ -15,10 +16,10 @@ from airflow.sdk import Context
 from kubernetes.client import Configuration
 from kubernetes.client import models as _models
 
-from trainer.spec import PERMANENT_EXIT_CODES, Hyperparameters, RunSpec
+from trainer.spec import PERMANENT_EXIT_CODES, RunSpec
 from trainyard.config import ResolvedPipeline
 from trainyard.launch import LaunchSpec, trainer_env
-from trainyard.operators import VALIDATE_TASK
+from trainyard.operators import run_spec_for, validated_result
 
 CONTAINER_NAME = "base"  # the KubernetesPodOperator's name for the main container
 CACHE_DIR = "/cache"
@@ -176,6 +177,11 @@ class KubernetesTrainOperator(KubernetesPodOperator):
     (non-zero exit, OOMKilled, image pull errors, refused pods) fail with their cause.
     """
 
+    # Nothing is templated: every field comes from YAML or from the validated run spec, and Jinja in
+    # a YAML value (an owner, say) must reach the pod as text, never as conf, variables or secrets.
+    template_fields: Sequence[str] = ()
+    template_ext: Sequence[str] = ()
+
     def __init__(self, *, pipeline: ResolvedPipeline, **kwargs: Any) -> None:
         super().__init__(**pod_kwargs(pipeline), **kwargs)
         self.pipeline = pipeline
@@ -184,20 +190,14 @@ class KubernetesTrainOperator(KubernetesPodOperator):
 
     def prepare_run(self, context: Context, validated: dict[str, Any]) -> None:
         """Fill in the command and labels of this DAG run (also used by ``trainyard render``)."""
-        spec = self.pipeline.run_spec(
-            run_id=context["dag_run"].run_id,
-            try_number=context["ti"].try_number,
-            hyperparameters=Hyperparameters.model_validate(validated["hyperparameters"]),
-            dataset_fingerprint=validated["fingerprint"],
-            validation_report=validated.get("report"),
-        )
+        spec = run_spec_for(self.pipeline, context, validated)
         argv = launch_argv(self.pipeline, spec)
         self.cmds = [argv[0]]
         self.arguments = list(argv[1:])
         self.labels = {**self.labels, **pod_labels(self.pipeline, context["dag_run"].run_id)}
 
     def execute(self, context: Context) -> Any:
-        self.prepare_run(context, context["ti"].xcom_pull(task_ids=VALIDATE_TASK))
+        self.prepare_run(context, validated_result(context))
         while True:
             outcome = self._attempt(context, lambda: super(KubernetesTrainOperator, self).execute(context))
             if outcome is not _RELAUNCH:

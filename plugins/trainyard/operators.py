@@ -11,7 +11,7 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
-from trainer.spec import PERMANENT_EXIT_CODES, Hyperparameters
+from trainer.spec import PERMANENT_EXIT_CODES, Hyperparameters, RunSpec
 from trainyard.config import ResolvedPipeline
 from trainyard.overrides import ConfRejected, validate_conf
 
@@ -22,8 +22,25 @@ PROMOTE_TASK = "promote"
 log = logging.getLogger(__name__)
 
 
-def _validated(context: Context) -> dict[str, Any]:
-    return context["ti"].xcom_pull(task_ids=VALIDATE_TASK)
+def validated_result(context: Context) -> dict[str, Any]:
+    validated = context["ti"].xcom_pull(task_ids=VALIDATE_TASK)
+    if not validated or "fingerprint" not in validated:
+        raise AirflowFailException(
+            f"{VALIDATE_TASK} left no result for run {context['dag_run'].run_id} (was it marked success "
+            f"by hand?); clear {VALIDATE_TASK} and its downstream tasks to validate the data again"
+        )
+    return validated
+
+
+def run_spec_for(pipeline: ResolvedPipeline, context: Context, validated: dict[str, Any]) -> RunSpec:
+    """The trainer's input for this DAG run and try, from what validate_data approved."""
+    return pipeline.run_spec(
+        run_id=context["dag_run"].run_id,
+        try_number=context["ti"].try_number,
+        hyperparameters=Hyperparameters.model_validate(validated["hyperparameters"]),
+        dataset_fingerprint=validated["fingerprint"],
+        validation_report=validated.get("report"),
+    )
 
 
 class ValidateDataOperator(BaseOperator):
@@ -77,14 +94,7 @@ class LocalTrainOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         from trainyard.launch import LaunchSpec, LocalTrainer, TrainerFailed
 
-        validated = _validated(context)
-        spec = self.pipeline.run_spec(
-            run_id=context["dag_run"].run_id,
-            try_number=context["ti"].try_number,
-            hyperparameters=Hyperparameters.model_validate(validated["hyperparameters"]),
-            dataset_fingerprint=validated["fingerprint"],
-            validation_report=validated["report"],
-        )
+        spec = run_spec_for(self.pipeline, context, validated_result(context))
         self._trainer = LocalTrainer(LaunchSpec.for_run(spec), self.log)
         try:
             result = self._trainer.run()
@@ -127,7 +137,7 @@ class PromoteOperator(BaseOperator):
                 client,
                 self.pipeline,
                 dag_run_id=dag_run.run_id,
-                approved_fingerprint=_validated(context)["fingerprint"],
+                approved_fingerprint=validated_result(context)["fingerprint"],
                 triggered_by=getattr(dag_run, "triggering_user_name", None),
             )
         except PromotionRefused as exc:
