@@ -280,3 +280,69 @@ def test_lint_exits_non_zero_listing_every_error(config_dirs, capsys):
     for env in ("dev", "local", "prod"):
         assert f"[{env}] {pipelines / 'broken.yaml'}" in err
     assert "owner: required field is missing" in err
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "fragment"),
+    [
+        ('experiment_name: "dev/{pipeline}"', 'experiment_name: "dev/{pipeline.upper}"', "is not allowed"),
+        (
+            'registered_model_name: "dev.{team}.{pipeline}"',
+            'registered_model_name: "dev.{team}"',
+            "{pipeline}",
+        ),
+        ('registered_model_name: "dev.{team}.{pipeline}"', 'registered_model_name: "dev/{pipeline}"', "'/'"),
+        (
+            "tracking_uri: http://mlflow",
+            "tracking_uri: http://user:hunter2@mlflow",
+            "must not contain a password",
+        ),
+        ("data_root: s3://trainyard-dev-datasets", "data_root: datasets", "absolute path or an s3://"),
+        ("models_root: s3://trainyard-dev-models", "models_root: s3://Bad_Bucket", "not a valid s3:// URI"),
+    ],
+)
+def test_environment_naming_storage_and_credentials_are_checked(config_dirs, old, new, fragment):
+    _, environments = config_dirs
+    _edit(environments / "dev.yaml", old, new)
+    with pytest.raises(ConfigError) as info:
+        load_environment("dev", environments)
+    assert fragment in str(info.value)
+
+
+def test_locations_may_not_climb_out_of_their_root(config_dirs):
+    pipelines, environments = config_dirs
+    _edit(pipelines / DEMO, "train: tweets/train.csv", "train: ../other-team/train.csv")
+    problem = _error(pipelines, environments).problems[0]
+    assert problem.path == "dataset.train" and "contains '..'" in problem.message
+
+
+def test_pods_cannot_read_local_paths(config_dirs):
+    pipelines, environments = config_dirs
+    _edit(pipelines / DEMO, "train: tweets/train.csv", "train: /opt/airflow/secrets.csv")
+    _load(pipelines, environments, "local")  # fine on one machine
+    problem = _error(pipelines, environments, "prod").problems[0]
+    assert problem.path == "dataset.train" and "pods in 'prod' cannot read" in problem.message
+
+
+def test_duplicate_yaml_keys_are_an_error_naming_both_lines(config_dirs):
+    pipelines, environments = config_dirs
+    _edit(pipelines / DEMO, "  epochs: 1\n", "  epochs: 1\n  epochs: 9\n")
+    error = _error(pipelines, environments)
+    first = _line_of(pipelines / DEMO, "epochs: 1")
+    assert f"duplicate key 'epochs' (first on line {first})" in str(error)
+
+
+def test_environment_variables_expand_inside_lists(config_dirs, monkeypatch):
+    _, environments = config_dirs
+    monkeypatch.setenv("TY_S3_SECRET", "team-s3-credentials")
+    _edit(environments / "dev.yaml", "env_from: [trainyard-s3-credentials]", 'env_from: ["${TY_S3_SECRET}"]')
+    assert load_environment("dev", environments).kubernetes.secrets.env_from == ("team-s3-credentials",)
+
+
+def test_only_yaml_files_are_pipelines(config_dirs):
+    pipelines, environments = config_dirs
+    (pipelines / "tweet-sentiment.yml").write_text(
+        (pipelines / DEMO).read_text().replace("epochs: 1", "epochs: 7")
+    )
+    good, errors = load_pipelines(load_environment("local", environments), pipelines, environments)
+    assert [p.config.training.epochs for p in good] == [1] and errors == []

@@ -50,6 +50,8 @@ def _expand_env_vars(value: Any, path: Path, loc: Loc = ()) -> Any:
     """Expand ${VAR} in string values; TRAINYARD_HOME defaults to the project's state directory."""
     if isinstance(value, dict):
         return {k: _expand_env_vars(v, path, (*loc, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env_vars(v, path, (*loc, i)) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -126,9 +128,10 @@ def join_uri(root: str, location: str) -> str:
     """Resolve a pipeline location against an environment root (absolute ones stay as written)."""
     if "://" in location or location.startswith("/"):
         return location.removeprefix("file://")
+    relative = location.removeprefix("./")
     if root.startswith("s3://"):
-        return f"{root.rstrip('/')}/{location.lstrip('./')}"
-    return str(Path(root) / location)
+        return f"{root.rstrip('/')}/{relative}"
+    return str(Path(root) / relative)
 
 
 @dataclass(frozen=True)
@@ -261,6 +264,24 @@ def environment_limits(config: PipelineConfig, environment: EnvironmentConfig) -
                     f"ask for at most {cap}",
                 )
             )
+    # Pods cannot see the Airflow worker's disk: data and base models must be in object storage.
+    storage = environment.storage
+    for loc, root, value in (
+        (("dataset", "train"), storage.data_root, config.dataset.train),
+        (("dataset", "validation"), storage.data_root, config.dataset.validation),
+        (("model", "base"), storage.models_root, config.model.base),
+    ):
+        if value.startswith("hf://"):
+            continue
+        resolved = join_uri(root, value)
+        if not resolved.startswith("s3://"):
+            found.append(
+                (
+                    loc,
+                    f"'{resolved}' is a local path, which pods in '{environment.name}' cannot read",
+                    "use an s3:// URI or a path relative to the environment's s3:// root",
+                )
+            )
     if res.gpu_type is not None and res.gpu_type not in k8s.gpu_node_selectors:
         known = list(k8s.gpu_node_selectors)
         found.append(
@@ -340,7 +361,7 @@ def load_pipeline(
 
 def pipeline_files(pipelines_dir: Path | None = None) -> list[Path]:
     directory = pipelines_dir or paths.pipelines_dir()
-    return sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")])
+    return sorted(directory.glob("*.yaml"))
 
 
 def load_pipelines(

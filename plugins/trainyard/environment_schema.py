@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from string import Formatter
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from trainyard.pipeline_schema import K8S_QUANTITY
+from trainyard.pipeline_schema import K8S_QUANTITY, check_uri
 
 NAMING_FIELDS = ("pipeline", "environment", "team")
 
@@ -25,6 +27,18 @@ class AirflowDefaults(_Strict):
     )
 
 
+def _bucket(value: str) -> str:
+    check_uri(value.rstrip("/") + "/x")
+    return value
+
+
+def _without_credentials(value: str | None) -> str | None:
+    """Credentials come from Kubernetes Secrets / the environment, never from a URL in YAML."""
+    if value and urlsplit(value).password is not None:
+        raise ValueError("must not contain a password; provide credentials through Secrets or env vars")
+    return value
+
+
 class MlflowSettings(_Strict):
     tracking_uri: str = Field(min_length=1, description="sqlite:///..., http(s)://mlflow-server, ...")
     artifact_location: str | None = Field(
@@ -36,20 +50,55 @@ class MlflowSettings(_Strict):
     @field_validator("experiment_name", "registered_model_name")
     @classmethod
     def _template(cls, value: str) -> str:
+        allowed = ", ".join("{" + name + "}" for name in NAMING_FIELDS)
         try:
-            value.format(**dict.fromkeys(NAMING_FIELDS, "x"))
-        except (KeyError, IndexError, ValueError) as exc:
-            allowed = ", ".join("{" + name + "}" for name in NAMING_FIELDS)
-            raise ValueError(f"bad template '{value}' ({exc!r}); use only {allowed}") from None
+            fields = [
+                (name, spec, conv) for _, name, spec, conv in Formatter().parse(value) if name is not None
+            ]
+        except ValueError as exc:
+            raise ValueError(f"bad template '{value}' ({exc}); use only {allowed}") from None
+        for name, spec, conversion in fields:
+            if name not in NAMING_FIELDS or spec or conversion:
+                raise ValueError(f"bad template '{value}': '{{{name}}}' is not allowed; use only {allowed}")
         return value
+
+    @field_validator("registered_model_name")
+    @classmethod
+    def _one_model_per_pipeline(cls, value: str) -> str:
+        if "{pipeline}" not in value:
+            raise ValueError(f"'{value}' must contain {{pipeline}}: each pipeline needs its own champion")
+        if any(char in value for char in "/:%"):
+            raise ValueError(f"'{value}' contains '/', ':' or '%', which MLflow model names cannot")
+        return value
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _tracking_without_credentials(cls, value: str) -> str:
+        return _without_credentials(value)
 
 
 class Storage(_Strict):
     data_root: str = Field(description="Relative dataset paths in pipelines resolve under this.")
     models_root: str = Field(description="Relative base-model paths resolve under this.")
-    checkpoint_root: str = Field(description="Checkpoints go to <root>/<pipeline>/<dag run>.")
+    checkpoint_root: str = Field(description="Checkpoints go to <root>/<pipeline>/<dag run>/<inputs>.")
     s3_endpoint_url: str | None = Field(None, description="For MinIO or another S3-compatible store.")
     keep_checkpoints: bool = Field(False, description="Keep checkpoints after a successful run.")
+
+    @field_validator("data_root", "models_root", "checkpoint_root")
+    @classmethod
+    def _root(cls, value: str) -> str:
+        if value.startswith("s3://"):
+            return (
+                check_uri(value.rstrip("/") + "/x").removesuffix("/x") if "/" in value[5:] else _bucket(value)
+            )
+        if "://" in value or not value.startswith("/"):
+            raise ValueError(f"'{value}' must be an absolute path or an s3://bucket[/prefix] URI")
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        return _without_credentials(value)
 
 
 DNS_LABEL = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"

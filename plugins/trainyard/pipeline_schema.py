@@ -31,6 +31,8 @@ class _Strict(BaseModel):
 
 def check_uri(value: str) -> str:
     """A dataset location: s3://bucket/key, file:// or a local path (relative = under the data root)."""
+    if ".." in PurePosixPath(value.split("://", 1)[-1]).parts:
+        raise ValueError(f"'{value}' contains '..'; locations may not climb out of their root")
     if "://" in value and not value.startswith(URI_SCHEMES):
         scheme = value.split("://", 1)[0]
         raise ValueError(f"unsupported URI scheme '{scheme}://'; use s3://bucket/key or a local path")
