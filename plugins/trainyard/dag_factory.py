@@ -96,6 +96,8 @@ def build_dag(pipeline: ResolvedPipeline) -> DAG:
             "owner": cfg.owner,
             "retries": airflow.retries,
             "retry_delay": timedelta(minutes=airflow.retry_delay_minutes),
+            # A hung S3 or MLflow call must not hold the DAG's only active run forever.
+            "execution_timeout": timedelta(minutes=airflow.task_timeout_minutes),
         },
     )
     with dag:

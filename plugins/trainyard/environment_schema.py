@@ -25,6 +25,9 @@ class AirflowDefaults(_Strict):
     execution_timeout_minutes: float = Field(
         360, gt=0, le=7 * 24 * 60, description="Upper bound for the train task."
     )
+    task_timeout_minutes: float = Field(
+        60, gt=0, le=24 * 60, description="Upper bound for validate_data and promote."
+    )
 
 
 def _bucket(value: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,6 +49,19 @@ class LaunchSpec:
         )
 
 
+#: What a local trainer inherits from the Airflow worker: tooling and storage/tracking access,
+#: never Airflow's own secrets (AIRFLOW__*, AIRFLOW_CONN_*, the Fernet key, the metadata DB).
+INHERITED_ENV = re.compile(
+    r"^(PATH|HOME|USER|LANG|LC_\w+|TZ|TMPDIR|VIRTUAL_ENV|PYTHONPATH|SSL_CERT_\w+|REQUESTS_CA_BUNDLE"
+    r"|(?i:https?_proxy|no_proxy)|AWS_\w+|MLFLOW_\w+|HF_\w+|TRAINYARD_\w+|OMP_\w+|MKL_\w+|CUDA_\w+"
+    r"|NVIDIA_\w+|NCCL_\w+|TORCH\w*|TOKENIZERS_\w+)$"
+)
+
+
+def inherited_env(environ: dict[str, str] | os._Environ) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if INHERITED_ENV.match(k)}
+
+
 class TrainerFailed(RuntimeError):
     def __init__(self, exit_code: int, tail: list[str]) -> None:
         self.exit_code = exit_code
@@ -83,7 +97,7 @@ class LocalTrainer:
         argv = (
             (sys.executable, *self.launch.argv[1:]) if self.launch.argv[0] == "python" else self.launch.argv
         )
-        env = {**os.environ, **self.launch.env}
+        env = {**inherited_env(os.environ), **self.launch.env}
         self.log.info("Starting trainer: %s -m trainer --spec <%d bytes of JSON>", argv[0], len(argv[-1]))
         result: dict[str, Any] | None = None
         self.process = subprocess.Popen(
