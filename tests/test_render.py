@@ -145,7 +145,13 @@ def test_more_gpus_run_torchrun_with_one_process_per_gpu(config_dirs):
     path.write_text(path.read_text().replace("  gpus: 1", "  gpus: 4"))
     container = _container(render_pod(_pipeline(config_dirs, "prod")))
     assert container["command"] == ["torchrun"]
-    assert container["args"][:4] == ["--standalone", "--nproc_per_node=4", "-m", "trainer"]
+    assert container["args"][:5] == [
+        "--standalone",
+        "--nproc_per_node=4",
+        "--shutdown-timeout=285",  # terminationGracePeriodSeconds 300, less a margin
+        "-m",
+        "trainer",
+    ]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
 
 

@@ -207,10 +207,17 @@ def test_sigterm_before_training_exits_promptly(tmp_path, tiny_model, splits):
         stderr=subprocess.PIPE,
         text=True,
     ) as proc:
-        time.sleep(1.0)  # still importing torch
+        seen = []
+        for line in proc.stderr:  # wait for the data to load: the model and training are still ahead
+            seen.append(line)
+            if "Data: " in line:
+                break
         proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
         stdout, stderr = proc.communicate(timeout=30)
+        stderr = "".join(seen) + stderr
+    assert "Data: " in stderr, stderr[-4000:]
+    assert "step " not in stderr, "interrupted before training started"
     assert proc.returncode == 143, stderr[-4000:]
     assert time.monotonic() - started < 10
     assert stdout == ""
@@ -409,3 +416,96 @@ def test_torchrun_with_two_processes_logs_one_run_from_rank_zero(tmp_path, tiny_
     assert run.info.run_id == result["mlflow_run_id"] and run.info.status == "FINISHED"
     assert result["global_step"] == 12
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("labels", "fmt"),
+    [
+        (["negative", "positive"], "csv"),
+        (["0", "1"], "csv"),
+        (["negative", "1"], "csv"),  # names and digit ids mixed, as CSV reads them
+        ([False, True], "parquet"),
+        ([0, 1], "parquet"),
+        (["negative", "Positive"], "csv"),  # a typo: both sides must refuse it
+        (["2", "0"], "csv"),  # out of range
+        ([0.5, 1.0], "parquet"),
+    ],
+)
+def test_validate_data_and_the_trainer_agree_on_labels(tmp_path, labels, fmt):
+    """Bad labels must stop at validate_data, never in a GPU pod: one rule, both sides."""
+    import pyarrow.parquet as pq
+
+    from trainer.data import label_mapping
+    from trainer.errors import TrainerInputError
+    from trainyard.data_checks import validate_dataset
+    from trainyard.pipeline_schema import DataChecks
+
+    rows = sentiment_rows(60, seed=3)
+    for i, row in enumerate(rows):
+        row["label"] = labels[i % len(labels)]
+    writer = write_csv if fmt == "csv" else write_parquet
+    train = writer(tmp_path / f"train.{fmt}", rows[:40])
+    validation = writer(tmp_path / f"validation.{fmt}", rows[40:])
+    data = DataSpec(
+        train_uri=str(train),
+        validation_uri=str(validation),
+        format=fmt,
+        text_column="text",
+        label_column="label",
+        label_names=("negative", "positive"),
+    )
+    checks = DataChecks(min_rows=1, min_validation_rows=1, min_class_share=0.0)
+    report = validate_dataset(data, checks)
+    label_check = next(c for c in report.checks if c.name == "label_values" and c.split == "train")
+
+    if fmt == "csv":  # what `datasets` hands the trainer: CSV cells parsed by pyarrow
+        import pyarrow.csv as pacsv
+
+        values = pacsv.read_csv(train).column("label").to_pylist()
+    else:
+        values = pq.read_table(train).column("label").to_pylist()
+    try:
+        label_mapping(sorted(set(values), key=repr), data, "train")
+        trainer_accepts = True
+    except TrainerInputError:
+        trainer_accepts = False
+    assert label_check.passed == trainer_accepts, (labels, label_check.message)
+
+
+def test_compute_metrics_on_a_known_confusion_matrix():
+    """The promotion metric itself: macro F1 counts every class, including one never predicted."""
+    import numpy as np
+
+    from trainer.train import compute_metrics
+
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    predicted = np.array([0, 0, 1, 0, 1, 1])  # class 2 never predicted
+    logits = np.eye(3)[predicted]
+    metrics = compute_metrics((logits, labels))
+    assert metrics["accuracy"] == pytest.approx(3 / 6)
+    f1 = [2 * 2 / (2 * 2 + 1), 2 * 1 / (2 * 1 + 3), 0.0]  # per class: 2tp / (2tp + fp + fn)
+    assert metrics["f1_macro"] == pytest.approx(sum(f1) / 3)
+
+
+def test_precision_auto_never_picks_emulated_bf16(monkeypatch):
+    """No GPU exists here, so the CUDA capability probes are faked; the branching under test is ours."""
+    import torch
+
+    from trainer.errors import TrainerInputError
+    from trainer.train import resolve_precision
+
+    native = {"value": False}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
+    monkeypatch.setattr(
+        torch.cuda,
+        "is_bf16_supported",
+        lambda including_emulation=True: including_emulation or native["value"],
+    )
+    assert resolve_precision("auto") == "fp16", "a V100 emulates bf16: use fp16"
+    with pytest.raises(TrainerInputError, match="does not support bf16"):
+        resolve_precision("bf16")
+    native["value"] = True
+    assert resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_precision("bf16") == "fp32", "no GPU: fp32 with a warning"

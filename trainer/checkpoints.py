@@ -186,6 +186,11 @@ class MirrorCallback(TrainerCallback):
         self.store = store
 
     def on_save(self, args, state, control, **kwargs):
+        if args.world_size > 1:
+            import torch.distributed as dist
+
+            # Every rank writes its own RNG state into the checkpoint: upload only once all have.
+            dist.barrier()
         if state.is_world_process_zero:
             self.store.upload(Path(args.output_dir) / f"checkpoint-{state.global_step}")
         return control

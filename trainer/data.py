@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from trainer.errors import TrainerInputError
-from trainer.spec import DataSpec, RunSpec
+from trainer.spec import DataSpec, RunSpec, label_id
 from trainer.storage import dataset_fingerprint, storage_options
 
 logger = logging.getLogger(__name__)
@@ -90,19 +90,14 @@ def verify_fingerprint(spec: RunSpec) -> None:
 
 def label_mapping(values: list[Any], data: DataSpec, split: str) -> dict[Any, int]:
     """Map each distinct label value of a split to its id; raise naming every value that is not a label."""
-    by_name = {name: index for index, name in enumerate(data.label_names)}
     mapping: dict[Any, int] = {}
     unknown = []
     for value in values:
-        if isinstance(value, str) and value in by_name:
-            mapping[value] = by_name[value]
-        elif isinstance(value, int | float) and not isinstance(value, bool) and float(value).is_integer():
-            if 0 <= int(value) < len(data.label_names):
-                mapping[value] = int(value)
-            else:
-                unknown.append(value)
-        else:
+        class_id = label_id(value, data.label_names)
+        if class_id is None:
             unknown.append(value)
+        else:
+            mapping[value] = class_id
     if unknown:
         shown = ", ".join("an empty value" if v is None else repr(v) for v in unknown[:10])
         more = f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""

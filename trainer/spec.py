@@ -135,6 +135,26 @@ class RunSpec(_Strict):
         return self
 
 
+_CLASS_ID = re.compile(r"^[0-9]{1,9}$")
+
+
+def label_id(value: object, label_names: tuple[str, ...]) -> int | None:
+    """The class id of one label value, or None: the rule validate_data and the trainer share.
+
+    A value is a label name, or a class id 0..n-1 written as an integer, an integral float, a
+    boolean (False/True = 0/1) or, as CSV reads them, a string of digits.
+    """
+    if isinstance(value, str):
+        if value in label_names:
+            return label_names.index(value)
+        value = int(value) if _CLASS_ID.match(value) else None
+    elif isinstance(value, float):
+        value = int(value) if value.is_integer() else None
+    if isinstance(value, int) and 0 <= int(value) < len(label_names):
+        return int(value)
+    return None
+
+
 def run_tags(identity: RunIdentity, dataset_fingerprint: str) -> dict[str, str]:
     """The MLflow run tags fixed by DESIGN.md; promotion searches by them."""
     return {

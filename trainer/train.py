@@ -72,6 +72,11 @@ def configure_libraries(progress_bars: bool) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
+def _native_bf16(torch: Any) -> bool:
+    """bf16 in hardware (Ampere and newer); torch's default also counts slow emulation (V100, T4)."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(requested: str) -> str:
     import torch
 
@@ -80,8 +85,8 @@ def resolve_precision(requested: str) -> str:
             logger.warning("precision %s requested but there is no CUDA GPU: training in fp32", requested)
         return "fp32"
     if requested == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if requested == "bf16" and not torch.cuda.is_bf16_supported():
+        return "bf16" if _native_bf16(torch) else "fp16"
+    if requested == "bf16" and not _native_bf16(torch):
         raise TrainerInputError(
             f"precision bf16 requested but {torch.cuda.get_device_name()} does not support bf16; "
             "use fp16 or auto"
@@ -240,8 +245,16 @@ def run(spec: RunSpec, preemption: Preemption) -> dict[str, Any] | None:
         label2id={label: i for i, label in enumerate(labels)},
         ignore_mismatched_sizes=True,  # a base that is already a classifier with other labels
     )
+    max_length = min(spec.model.max_length, getattr(model.config, "max_position_embeddings", None) or 10**9)
+    if max_length < spec.model.max_length:
+        logger.warning(
+            "model.max_length %d exceeds what %s supports: truncating to %d tokens",
+            spec.model.max_length,
+            spec.model.base,
+            max_length,
+        )
     with args.main_process_first(desc="tokenize"):
-        encoded = tokenize(data, tokenizer, spec.model.max_length)
+        encoded = tokenize(data, tokenizer, max_length)
 
     tracker = Tracker(spec, enabled=processes.is_main)
     trainer = Trainer(

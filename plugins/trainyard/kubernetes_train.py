@@ -59,7 +59,16 @@ def launch_argv(pipeline: ResolvedPipeline, spec: RunSpec) -> tuple[str, ...]:
     argv = LaunchSpec.for_run(spec).argv
     gpus = pipeline.config.resources.gpus
     if gpus > 1:
-        return ("torchrun", "--standalone", f"--nproc_per_node={gpus}", *argv[1:])
+        # torchrun SIGKILLs its workers 30 s after forwarding SIGTERM unless told otherwise; give them
+        # the pod's grace period (less a margin) to save and upload the checkpoint.
+        grace = pipeline.environment.kubernetes.termination_grace_period_seconds  # type: ignore[union-attr]
+        return (
+            "torchrun",
+            "--standalone",
+            f"--nproc_per_node={gpus}",
+            f"--shutdown-timeout={max(grace - 15, 5)}",
+            *argv[1:],
+        )
     return argv
 
 
