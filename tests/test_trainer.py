@@ -197,6 +197,15 @@ def test_sigterm_saves_a_checkpoint_and_relaunch_resumes_the_same_run(tmp_path, 
     assert run.data.metrics["eval_accuracy"] >= 0.8
     assert not checkpoints.exists()
 
+    # Resuming is exact: the same model as a run that was never interrupted (same seed, one thread).
+    fresh_dir = tmp_path / "uninterrupted"
+    fresh_dir.mkdir()
+    fresh = make_spec(
+        fresh_dir, str(tiny_model), str(splits[0]), str(splits[1]), max_steps=200, checkpoint_every_steps=10
+    )
+    uninterrupted = result_of(run_trainer(fresh, child_env(fresh_dir)))
+    assert result["metrics"]["eval_loss"] == pytest.approx(uninterrupted["metrics"]["eval_loss"], rel=1e-5)
+
 
 def test_sigterm_before_training_exits_promptly(tmp_path, tiny_model, splits):
     spec = make_spec(tmp_path, str(tiny_model), str(splits[0]), str(splits[1]))
