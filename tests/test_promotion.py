@@ -308,6 +308,21 @@ def test_better_model_moves_alias_and_supersedes(make_env):
     assert env.tags("2")["trainyard.decision"] == "promoted"
 
 
+def test_a_champion_from_another_dataset_is_noted_in_the_audit(make_env):
+    env = make_env(min_improvement=0.0)
+    env.log_run("r1", {"eval_f1_macro": 0.80})
+    env.promote("r1")
+    other = "sha256:" + "e" * 64
+    env.log_run("r2", {"eval_f1_macro": 0.82}, fingerprint=other)
+
+    d = env.promote("r2", approved_fingerprint=other)
+
+    assert d.promoted and d.champion_fingerprint == FP
+    assert "the champion was evaluated on another dataset" in d.reason
+    assert env.tags("2")["trainyard.champion_dataset_fingerprint"] == FP
+    assert env.tags("1")["trainyard.champion_dataset_fingerprint"] == "none"
+
+
 def test_below_min_value_rejected(make_env):
     env = make_env(min_value=0.7)
     env.log_run("r1", {"eval_f1_macro": 0.65})

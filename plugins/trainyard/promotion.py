@@ -60,6 +60,7 @@ TAG_METRIC = "trainyard.metric"
 TAG_CANDIDATE_VALUE = "trainyard.candidate_value"
 TAG_CHAMPION_VERSION = "trainyard.champion_version"
 TAG_CHAMPION_VALUE = "trainyard.champion_value"
+TAG_CHAMPION_FINGERPRINT = "trainyard.champion_dataset_fingerprint"
 TAG_RULE = "trainyard.rule"
 TAG_ALIAS = "trainyard.alias"
 TAG_DECIDED_AT = "trainyard.decided_at"
@@ -87,6 +88,7 @@ class Decision:
     run_id: str
     decided_at: str
     decided_by: str
+    champion_fingerprint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe (the ``promote`` task returns it as its XCom)."""
@@ -433,6 +435,7 @@ def promote(
 
     champion = _champion(client, name, alias)
     retried = champion is not None and str(champion.version) == str(version)
+    champion_fingerprint = None
     if retried:
         # An earlier try of this task already moved the alias here; keep its recorded verdict.
         tags = client.get_model_version(name, version).tags
@@ -453,6 +456,12 @@ def promote(
             champion_version=champion_version,
             champion_has_metric=champion is None or champion_value is not None,
         )
+        champion_fingerprint = None if champion is None else (champion.tags or {}).get(TAG_FINGERPRINT)
+        if champion_fingerprint not in (None, NONE, approved_fingerprint):
+            # Metrics from different validation sets are not strictly comparable: say so in the audit.
+            reason += (
+                f" (note: the champion was evaluated on another dataset, {champion_fingerprint[:19]}...)"
+            )
 
     decision = Decision(
         promoted=promoted,
@@ -467,6 +476,7 @@ def promote(
         run_id=run_id,
         decided_at=decided_at,
         decided_by=decided_by,
+        champion_fingerprint=champion_fingerprint,
     )
     _record(client, pipeline, decision, run=run, dag_run_id=dag_run_id, rule=rule)
     if promoted:
@@ -497,6 +507,7 @@ def _record(
         TAG_CANDIDATE_VALUE: repr(d.candidate_value),
         TAG_CHAMPION_VERSION: d.champion_version or NONE,
         TAG_CHAMPION_VALUE: NONE if d.champion_value is None else repr(d.champion_value),
+        TAG_CHAMPION_FINGERPRINT: d.champion_fingerprint or NONE,
         TAG_RULE: _rule_text(rule),
         TAG_ALIAS: d.alias,
         TAG_FINGERPRINT: run.data.tags.get(TAG_FINGERPRINT, NONE),
