@@ -46,8 +46,10 @@ def workspace(tmp_path_factory, airflow_db) -> dict[str, str]:
     return env
 
 
-def _dags_test(env: dict[str, str], conf: dict | None = None) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "airflow", "dags", "test", PIPELINE]
+def _dags_test(
+    env: dict[str, str], conf: dict | None = None, pipeline: str = PIPELINE
+) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "airflow", "dags", "test", pipeline]
     if conf is not None:
         argv += ["-c", json.dumps(conf)]
     return subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
@@ -147,3 +149,19 @@ def test_a_timed_out_train_task_stops_its_trainer_with_a_checkpoint(workspace, t
     assert leftovers == [], "no trainer process outlives the task"
     checkpoints = Path(workspace["TRAINYARD_HOME"]) / "checkpoints" / PIPELINE
     assert list(checkpoints.glob("*/*/checkpoint-*")), "the trainer saved a checkpoint on SIGTERM"
+
+
+def test_bad_data_stops_the_run_before_training(workspace):
+    name = "tiny-bad-data"
+    document = tiny_pipeline(name, "tiny-bert", description="Asks for more rows than the data has.")
+    document["dataset"]["checks"] = {"min_rows": 100_000, "min_validation_rows": 20}
+    path = Path(workspace["TRAINYARD_PIPELINES_DIR"]) / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    try:
+        result = _dags_test(workspace, pipeline=name)
+    finally:
+        path.unlink()
+    output = result.stdout + result.stderr
+    assert "Dataset validation failed: 1 of 17 checks failed" in output, output[-4000:]
+    assert "min_rows [train]" in output and "relax dataset.checks" in output
+    assert "Starting trainer" not in output

@@ -53,31 +53,34 @@ class ValidateDataOperator(BaseOperator):
         self.pipeline = pipeline
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from trainyard.data_checks import validate_dataset
+        from trainyard.data_checks import DataValidationError, require_valid, validate_dataset
 
         conf = context["dag_run"].conf or {}
         try:
             hyperparameters = validate_conf(self.pipeline, conf)
         except ConfRejected as exc:
             raise AirflowFailException(str(exc)) from None
-        if conf:
-            self.log.info("Trigger overrides accepted: %s", conf)
+        defaults = self.pipeline.config.training
+        # The UI form sends every Param; only values that differ from the pipeline's are overrides.
+        overrides = {k: v for k, v in conf.items() if getattr(hyperparameters, k) != getattr(defaults, k)}
+        if overrides:
+            self.log.info("Trigger overrides accepted: %s", overrides)
 
         env = self.pipeline.environment
         report = validate_dataset(
             self.pipeline.data_spec, self.pipeline.config.dataset.checks, env.storage.s3_endpoint_url
         )
         self.log.info("Data validation report:\n%s", report.summary())
-        if not report.passed:
+        try:
+            require_valid(report)
+        except DataValidationError as exc:
             # Bad data does not get better by retrying: fail now, before any GPU is requested.
-            raise AirflowFailException(
-                f"Dataset rejected for pipeline '{self.pipeline.name}':\n{report.summary()}"
-            )
+            raise AirflowFailException(f"Pipeline '{self.pipeline.name}': {exc}") from None
         return {
             "fingerprint": report.fingerprint,
             "report": report.to_dict(),
             "hyperparameters": hyperparameters.model_dump(mode="json"),
-            "overrides": dict(conf),
+            "overrides": overrides,
         }
 
 
