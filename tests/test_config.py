@@ -346,3 +346,11 @@ def test_only_yaml_files_are_pipelines(config_dirs):
     )
     good, errors = load_pipelines(load_environment("local", environments), pipelines, environments)
     assert [p.config.training.epochs for p in good] == [1] and errors == []
+
+
+def test_yaml_booleans_where_text_is_expected_get_a_quoting_hint(config_dirs):
+    pipelines, environments = config_dirs
+    _edit(pipelines / DEMO, "label_names: [negative, positive]", "label_names: [no, yes]")
+    problem = _error(pipelines, environments).problems[0]
+    assert problem.path == "dataset.label_names[0]" and "got False" in problem.message
+    assert "quote the value" in problem.suggestion

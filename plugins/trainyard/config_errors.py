@@ -102,6 +102,8 @@ def problems_from_validation(
                 suggestion = f"add it: {field.description}"
         elif "input" in error and kind not in ("model_type", "dict_type") and not kind.startswith("value_"):
             message = f"{message} (got {error['input']!r})"
+            if kind == "string_type" and isinstance(error["input"], bool):
+                suggestion = "YAML reads unquoted yes/no/on/off/true/false as booleans: quote the value"
         reported, line = locate(loc)
         problems.append(Problem(dotted(reported), message, line, suggestion))
     return sorted(problems, key=lambda p: (p.line is None, p.line or 0))
