@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.support.s3 import CREDENTIALS, MotoS3
 from tests.support.synthetic_data import sentiment_rows, write_csv, write_parquet, write_splits
 from trainer.spec import DataSpec
 from trainer.storage import dataset_fingerprint
@@ -448,23 +449,10 @@ def test_validation_does_not_import_pandas(tmp_path):
 
 @pytest.fixture
 def s3(monkeypatch):
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
+    for key, value in CREDENTIALS.items():
         monkeypatch.setenv(key, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket="trainyard")
-    yield endpoint, client
-    server.stop()
+    with MotoS3("trainyard") as server:
+        yield server.endpoint, server.client
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])

@@ -32,6 +32,7 @@ import yaml
 from tests.conftest import DAGS, ROOT
 from tests.support.k8s_emulator import KubernetesEmulator
 from tests.support.pipelines import tiny_pipeline
+from tests.support.s3 import CREDENTIALS, MotoS3
 from tests.support.synthetic_data import write_splits
 from tests.support.tiny_model import build_tiny_model
 
@@ -62,6 +63,7 @@ NAMESPACES = {
 MISSING_IMAGE = "ghcr.io/trainyard/does-not-exist:0.1.0"
 QUOTA_NAME = "gpu-quota"
 MISSING_PRIORITY_CLASS = "trainyard-missing-class"
+BUCKET = "trainyard-k8s"
 
 
 def _pipeline_yaml(model_dir: str) -> dict:
@@ -82,9 +84,9 @@ def _pipeline_yaml(model_dir: str) -> dict:
     )
 
 
-def _environment(home: Path, namespace: str, **kubernetes: Any) -> dict:
+def _environment(home: Path, namespace: str, s3_endpoint: str, **kubernetes: Any) -> dict:
     airflow = {"execution_timeout_minutes": kubernetes.pop("execution_timeout_minutes", 10)}
-    models_root = kubernetes.pop("models_root", str(home / "models"))
+    models_root = kubernetes.pop("models_root", f"s3://{BUCKET}/models")
     return {
         "launcher": "kubernetes",
         "airflow": {"schedules_enabled": False, "retries": 0, "retry_delay_minutes": 0, **airflow},
@@ -95,10 +97,12 @@ def _environment(home: Path, namespace: str, **kubernetes: Any) -> dict:
             "registered_model_name": "{environment}.{pipeline}",
         },
         "storage": {
-            # Pods are local processes here: a shared local directory stands in for S3 / a PVC.
-            "data_root": str(home / "data"),
+            # Data and models in object storage (moto), as pods need; the emulator's pods share this
+            # machine's disk, so checkpoints can stay local and be inspected by the tests.
+            "data_root": f"s3://{BUCKET}/data",
             "models_root": models_root,
             "checkpoint_root": str(home / "checkpoints"),
+            "s3_endpoint_url": s3_endpoint,
         },
         "kubernetes": {
             "namespace": namespace,
@@ -251,6 +255,13 @@ def cluster(tmp_path_factory, airflow_db):
     home = tmp_path_factory.mktemp("trainyard-k8s-home")
     write_splits(home / "data" / "tiny", train_rows=320, validation_rows=80)
     build_tiny_model(home / "models" / "tiny-bert")
+    with MotoS3(BUCKET) as s3:
+        s3.upload_tree(home / "data", f"s3://{BUCKET}/data")
+        s3.upload_tree(home / "models", f"s3://{BUCKET}/models")
+        yield from _cluster(tmp_path_factory, home, s3.endpoint)
+
+
+def _cluster(tmp_path_factory, home: Path, s3_endpoint: str):
     pipelines = tmp_path_factory.mktemp("k8s-pipelines")
     (pipelines / f"{PIPELINE}.yaml").write_text(yaml.safe_dump(_pipeline_yaml("tiny-bert"), sort_keys=False))
     environments = tmp_path_factory.mktemp("k8s-environments")
@@ -265,12 +276,12 @@ def cluster(tmp_path_factory, airflow_db):
         # the operator's own doing.
         TIMEOUT: {"execution_timeout_minutes": 0.15, "on_finish_action": "delete_succeeded_pod"},
         BAD_IMAGE: {"image": MISSING_IMAGE},
-        NO_MODEL: {"models_root": str(home / "no-models")},  # the trainer exits 3: no base model
+        NO_MODEL: {"models_root": f"s3://{BUCKET}/no-models"},  # the trainer exits 3: no base model
         EVICT: {"max_preemption_relaunches": 1},
     }
     for name, extra in specific.items():
         (environments / f"{name}.yaml").write_text(
-            yaml.safe_dump(_environment(home, NAMESPACES[name], **extra), sort_keys=False)
+            yaml.safe_dump(_environment(home, NAMESPACES[name], s3_endpoint, **extra), sort_keys=False)
         )
 
     with KubernetesEmulator() as emulator:
@@ -279,7 +290,11 @@ def cluster(tmp_path_factory, airflow_db):
             emulator.add_secret(
                 namespace,
                 S3_SECRET,
-                {"AWS_ACCESS_KEY_ID": "test-key-id", "AWS_SECRET_ACCESS_KEY": SECRET_VALUE},
+                {
+                    "AWS_ACCESS_KEY_ID": "test-key-id",
+                    "AWS_SECRET_ACCESS_KEY": SECRET_VALUE,
+                    "AWS_DEFAULT_REGION": "us-east-1",
+                },
             )
             emulator.add_secret(namespace, MLFLOW_SECRET, {"token": SECRET_VALUE})
         emulator.add_priority_class(PRIORITY_CLASS, 1000)
@@ -297,6 +312,7 @@ def cluster(tmp_path_factory, airflow_db):
             "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
             "AIRFLOW_CONN_KUBERNETES_DEFAULT": json.dumps(connection),
             "OMP_NUM_THREADS": "1",
+            **CREDENTIALS,  # validate_data reads the data from S3 on the Airflow side
             "MLFLOW_DISABLE_TELEMETRY": "true",
         }
         cluster = Cluster(emulator=emulator, env=env, home=home)
@@ -483,7 +499,7 @@ def test_evictions_beyond_the_relaunch_limit_fail_the_task(cluster):
             # FallbackToLogsOnError: the log tail (the trainer's own error) is in the failure message
             [
                 "Training pod failed: the trainer exited with code 3 (Error): ",
-                "not a model directory (no config.json)",
+                "no config.json under that prefix",
             ],
             id="trainer-exits-3",
         ),

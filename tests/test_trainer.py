@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.s3 import CREDENTIALS, MotoS3
 from tests.support.synthetic_data import sentiment_rows, write_csv, write_parquet, write_splits
 from tests.support.tiny_model import build_tiny_model
 from trainer.spec import EVAL_METRICS, MODEL_ARTIFACT, DataSpec, RunSpec, run_tags
@@ -336,23 +337,10 @@ def test_parquet_with_integer_labels_loads_as_ids(tmp_path):
 
 @pytest.fixture
 def s3(monkeypatch):
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    credentials = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    for key, value in credentials.items():
+    for key, value in CREDENTIALS.items():
         monkeypatch.setenv(key, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="trainyard")
-    yield endpoint, credentials
-    server.stop()
+    with MotoS3("trainyard") as server:
+        yield server.endpoint, dict(CREDENTIALS)
 
 
 def upload_tree(endpoint: str, local: Path, prefix: str) -> None:
