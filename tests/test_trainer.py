@@ -311,13 +311,13 @@ def test_label_mapping_accepts_names_and_integer_ids():
 
 
 def test_changed_data_is_refused(tmp_path, splits):
-    from trainer.data import verify_fingerprint
+    from trainer.data import staged_files
     from trainer.errors import TrainerInputError
 
     approved = "sha256:" + "0" * 64
     spec = RunSpec.model_validate(make_spec(tmp_path, "unused", str(splits[0]), str(splits[1]), approved))
     with pytest.raises(TrainerInputError, match="the dataset changed after it was validated"):
-        verify_fingerprint(spec)
+        staged_files(spec)
 
 
 def test_parquet_with_integer_labels_loads_as_ids(tmp_path):
@@ -506,3 +506,26 @@ def test_precision_auto_never_picks_emulated_bf16(monkeypatch):
     assert resolve_precision("auto") == "bf16"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_precision("bf16") == "fp32", "no GPU: fp32 with a warning"
+
+
+def test_remote_data_is_trained_from_the_bytes_that_were_hashed(tmp_path, splits, s3, monkeypatch):
+    """Staged once while hashed: an object overwritten afterwards cannot slip into training."""
+    from trainer.data import staged_files
+
+    endpoint, _ = s3
+    upload_tree(endpoint, splits[0].parent, "data")
+    train, validation = "s3://trainyard/data/train.csv", "s3://trainyard/data/validation.csv"
+    spec_dict = make_spec(tmp_path, "unused", train, validation, dataset_fingerprint(*map(str, splits)))
+    spec_dict["s3_endpoint_url"] = endpoint
+    monkeypatch.setenv("TRAINYARD_SCRATCH", str(tmp_path / "scratch"))
+    files = staged_files(RunSpec.model_validate(spec_dict))
+    assert Path(files["train"]).read_bytes() == splits[0].read_bytes()
+    assert Path(files["train"]).is_relative_to(tmp_path / "scratch")
+
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).put_object(Bucket="trainyard", Key="data/train.csv", Body=b"x")
+    from trainer.errors import TrainerInputError
+
+    with pytest.raises(TrainerInputError, match="the dataset changed after it was validated"):
+        staged_files(RunSpec.model_validate(spec_dict))  # a relaunch after the overwrite is refused

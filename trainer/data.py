@@ -8,11 +8,14 @@ names the value.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from trainer.errors import TrainerInputError
 from trainer.spec import DataSpec, RunSpec, label_id
-from trainer.storage import dataset_fingerprint, storage_options
+from trainer.storage import CHUNK_BYTES, HashingReader, combine_fingerprint, is_s3, open_binary
 
 logger = logging.getLogger(__name__)
 
@@ -25,14 +28,7 @@ def load_splits(spec: RunSpec):
 
     data = spec.data
     files = {"train": data.train_uri, "validation": data.validation_uri}
-    verify_fingerprint(spec)
-    options = storage_options(data.train_uri, spec.s3_endpoint_url) or storage_options(
-        data.validation_uri, spec.s3_endpoint_url
-    )
-    try:
-        raw = datasets.load_dataset(data.format, data_files=files, storage_options=options)
-    except FileNotFoundError as error:
-        raise TrainerInputError(f"dataset file not found: {error}") from error
+    raw = datasets.load_dataset(data.format, data_files=staged_files(spec))
 
     for split in SPLITS:
         columns = raw[split].column_names
@@ -75,17 +71,45 @@ def load_splits(spec: RunSpec):
     )
 
 
-def verify_fingerprint(spec: RunSpec) -> None:
-    """Train only on the bytes ``validate_data`` approved: the MLflow tag must not lie (principle 9)."""
-    try:
-        actual = dataset_fingerprint(spec.data.train_uri, spec.data.validation_uri, spec.s3_endpoint_url)
-    except FileNotFoundError as error:
-        raise TrainerInputError(f"dataset file not found: {error}") from error
+def staged_files(spec: RunSpec) -> dict[str, str]:
+    """Local files holding exactly the bytes ``validate_data`` approved (DESIGN.md principle 9).
+
+    Remote files are copied once into scratch space while they are hashed, and training reads the
+    copies, so an object overwritten after validation can never be trained on under the approved
+    fingerprint. Local files are hashed in place.
+    """
+    data = spec.data
+    scratch = Path(os.environ.get("TRAINYARD_SCRATCH") or tempfile.gettempdir())
+    target_dir = scratch / "trainyard-data" / spec.dataset_fingerprint.removeprefix("sha256:")[:16]
+    files: dict[str, str] = {}
+    digests: list[tuple[str, str]] = []
+    for split, uri in (("train", data.train_uri), ("validation", data.validation_uri)):
+        try:
+            raw = open_binary(uri, spec.s3_endpoint_url)
+        except FileNotFoundError as error:
+            raise TrainerInputError(f"dataset file not found: {uri} ({error})") from error
+        with raw:
+            reader = HashingReader(raw)
+            if is_s3(uri):
+                target_dir.mkdir(parents=True, exist_ok=True)
+                target = target_dir / f"{split}.{data.format}"
+                partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+                with partial.open("wb") as out:
+                    while chunk := reader.read(CHUNK_BYTES):
+                        out.write(chunk)
+                partial.replace(target)  # atomic: concurrent ranks write the same bytes
+                files[split] = str(target)
+            else:
+                reader.drain()
+                files[split] = uri
+        digests.append((split, reader.digest.hexdigest()))
+    actual = combine_fingerprint(digests)
     if actual != spec.dataset_fingerprint:
         raise TrainerInputError(
             f"the dataset changed after it was validated: fingerprint is {actual}, "
             f"the spec approved {spec.dataset_fingerprint}; validate the data again"
         )
+    return files
 
 
 def label_mapping(values: list[Any], data: DataSpec, split: str) -> dict[Any, int]:
