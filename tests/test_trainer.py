@@ -529,3 +529,22 @@ def test_remote_data_is_trained_from_the_bytes_that_were_hashed(tmp_path, splits
 
     with pytest.raises(TrainerInputError, match="the dataset changed after it was validated"):
         staged_files(RunSpec.model_validate(spec_dict))  # a relaunch after the overwrite is refused
+
+
+def test_sigterm_after_the_run_is_complete_does_not_undo_it():
+    """Recording FINISHED and removing checkpoints run shielded: SIGTERM is remembered, not raised."""
+    from trainer.errors import Terminated
+    from trainer.preemption import Preemption
+
+    previous = signal.getsignal(signal.SIGTERM)
+    preemption = Preemption()
+    preemption.install()
+    try:
+        with preemption.shielded():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        assert preemption.requested
+        with pytest.raises(Terminated):  # outside any shield, SIGTERM stops the process at once
+            preemption.check()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

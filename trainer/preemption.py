@@ -47,6 +47,16 @@ class Preemption:
             self._deferred = False
         self.check()
 
+    @contextlib.contextmanager
+    def shielded(self) -> Iterator[None]:
+        """For work after the run is complete (recording it as FINISHED, removing checkpoints): a
+        SIGTERM now is remembered but does not interrupt it, and the run still ends successfully."""
+        deferred, self._deferred = self._deferred, True
+        try:
+            yield
+        finally:
+            self._deferred = deferred
+
     def check(self) -> None:
         if self.requested:
             raise Terminated("SIGTERM")

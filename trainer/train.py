@@ -303,7 +303,8 @@ def run(spec: RunSpec, preemption: Preemption) -> dict[str, Any] | None:
 
         sample_texts = data["validation"]["text"][:5]
         model_uri = tracker.log_model(trainer.model, tokenizer, list(sample_texts))
-        tracker.end("FINISHED")
+        with preemption.shielded():  # complete: a SIGTERM now must not turn it into KILLED
+            tracker.end("FINISHED")
     except BaseException as error:
         try:
             tracker.end("KILLED" if isinstance(error, Terminated | KeyboardInterrupt) else "FAILED")
@@ -312,7 +313,8 @@ def run(spec: RunSpec, preemption: Preemption) -> dict[str, Any] | None:
         raise
 
     if processes.is_main and not spec.keep_checkpoints:
-        store.remove()
+        with preemption.shielded():  # a half-removed checkpoint dir would be resumed by a relaunch
+            store.remove()
     if not processes.is_main:
         return None
     return {
