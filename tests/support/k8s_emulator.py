@@ -1101,14 +1101,7 @@ class KubernetesEmulator:
                     details={"name": name, "kind": "pods"},
                 )
             requested = self._pod_usage(pod)
-            used: dict[str, Decimal] = {}
-            for runtime in self._pods.values():
-                if runtime.key[0] == namespace and runtime.obj["status"].get("phase") not in (
-                    "Succeeded",
-                    "Failed",
-                ):
-                    for resource, quantity in self._pod_usage(runtime.obj).items():
-                        used[resource] = used.get(resource, Decimal(0)) + quantity
+            used = self._namespace_usage(namespace)
             exceeded = []
             for resource in sorted(hard):
                 want = requested.get(resource, Decimal(0))
@@ -1130,19 +1123,24 @@ class KubernetesEmulator:
                     details={"name": name, "kind": "pods"},
                 )
 
+    def _namespace_usage(self, namespace: str) -> dict[str, Decimal]:
+        """What the namespace's pods that are not finished hold, as quota admission counts it."""
+        used: dict[str, Decimal] = {}
+        for runtime in self._pods.values():
+            if runtime.key[0] == namespace and runtime.obj["status"].get("phase") not in (
+                "Succeeded",
+                "Failed",
+            ):
+                for resource, quantity in self._pod_usage(runtime.obj).items():
+                    used[resource] = used.get(resource, Decimal(0)) + quantity
+        return used
+
     def quota_status(self, namespace: str, name: str) -> dict:
         with self._lock:
             hard = self._quotas.get(namespace, {}).get(name)
             if hard is None:
                 raise _not_found("resourcequotas", name)
-            used: dict[str, Decimal] = {}
-            for runtime in self._pods.values():
-                if runtime.key[0] == namespace and runtime.obj["status"].get("phase") not in (
-                    "Succeeded",
-                    "Failed",
-                ):
-                    for resource, quantity in self._pod_usage(runtime.obj).items():
-                        used[resource] = used.get(resource, Decimal(0)) + quantity
+            used = self._namespace_usage(namespace)
             return {
                 "apiVersion": "v1",
                 "kind": "ResourceQuota",
