@@ -34,11 +34,31 @@ MODEL_ARTIFACT = "model"
 _FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
-class _Strict(BaseModel):
+#: MLflow tags of a training run (DESIGN.md): promotion finds the run by them.
+TAG_PIPELINE = "trainyard.pipeline"
+TAG_ENVIRONMENT = "trainyard.environment"
+TAG_FINGERPRINT = "trainyard.dataset_fingerprint"
+TAG_DAG_ID = "airflow.dag_id"
+TAG_RUN_ID = "airflow.run_id"
+TAG_TRY_NUMBER = "airflow.try_number"
+TAG_MODEL_URI = "trainyard.model_uri"
+TAG_RESUMED_FROM_STEP = "trainyard.resumed_from_step"
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors and values are immutable: the base of every Trainyard schema."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Hyperparameters(_Strict):
+def unique_labels(names: tuple[str, ...]) -> tuple[str, ...]:
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"label names must be unique; repeated: {', '.join(duplicates)}")
+    return names
+
+
+class Hyperparameters(StrictModel):
     """Training knobs. Pipelines may expose a subset of these to trigger-time overrides."""
 
     epochs: float = Field(1.0, gt=0, le=100, description="Passes over the training split.")
@@ -59,7 +79,7 @@ class Hyperparameters(_Strict):
     )
 
 
-class ModelSpec(_Strict):
+class ModelSpec(StrictModel):
     """The base model to fine-tune."""
 
     base: str = Field(
@@ -69,7 +89,7 @@ class ModelSpec(_Strict):
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per example after truncation.")
 
 
-class DataSpec(_Strict):
+class DataSpec(StrictModel):
     """Where the resolved dataset lives and how to read it."""
 
     train_uri: str = Field(min_length=1)
@@ -79,16 +99,10 @@ class DataSpec(_Strict):
     label_column: str = Field(min_length=1)
     label_names: tuple[str, ...] = Field(min_length=2)
 
-    @field_validator("label_names")
-    @classmethod
-    def _unique_labels(cls, names: tuple[str, ...]) -> tuple[str, ...]:
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"label names must be unique; repeated: {', '.join(duplicates)}")
-        return names
+    _unique_labels = field_validator("label_names")(unique_labels)
 
 
-class MlflowSpec(_Strict):
+class MlflowSpec(StrictModel):
     tracking_uri: str = Field(min_length=1)
     experiment_name: str = Field(min_length=1)
     artifact_location: str | None = Field(
@@ -96,7 +110,7 @@ class MlflowSpec(_Strict):
     )
 
 
-class RunIdentity(_Strict):
+class RunIdentity(StrictModel):
     """Who asked for this run; written to MLflow tags so promotion can find the run again."""
 
     pipeline: str = Field(min_length=1)
@@ -106,7 +120,7 @@ class RunIdentity(_Strict):
     try_number: int = Field(1, ge=0)
 
 
-class RunSpec(_Strict):
+class RunSpec(StrictModel):
     """One training run, fully resolved: nothing in it is looked up again by the trainer."""
 
     spec_version: Literal[1] = SPEC_VERSION
@@ -158,10 +172,10 @@ def label_id(value: object, label_names: tuple[str, ...]) -> int | None:
 def run_tags(identity: RunIdentity, dataset_fingerprint: str) -> dict[str, str]:
     """The MLflow run tags fixed by DESIGN.md; promotion searches by them."""
     return {
-        "trainyard.pipeline": identity.pipeline,
-        "trainyard.environment": identity.environment,
-        "trainyard.dataset_fingerprint": dataset_fingerprint,
-        "airflow.dag_id": identity.dag_id,
-        "airflow.run_id": identity.run_id,
-        "airflow.try_number": str(identity.try_number),
+        TAG_PIPELINE: identity.pipeline,
+        TAG_ENVIRONMENT: identity.environment,
+        TAG_FINGERPRINT: dataset_fingerprint,
+        TAG_DAG_ID: identity.dag_id,
+        TAG_RUN_ID: identity.run_id,
+        TAG_TRY_NUMBER: str(identity.try_number),
     }

@@ -13,15 +13,13 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from trainer.spec import MODEL_ARTIFACT, RunSpec, run_tags
+from trainer.spec import MODEL_ARTIFACT, TAG_MODEL_URI, TAG_RESUMED_FROM_STEP, RunSpec, run_tags
 
 logger = logging.getLogger(__name__)
 
 #: Pinned into the logged model's requirements (mlflow would otherwise guess, and look for torchvision).
 MODEL_REQUIREMENTS = ("mlflow", "transformers", "torch", "tokenizers", "safetensors")
 
-RESUMED_TAG = "trainyard.resumed_from_step"
-MODEL_URI_TAG = "trainyard.model_uri"
 #: Step metrics the HF Trainer logs while training, and the MLflow names they get.
 STEP_METRICS = ("loss", "learning_rate", "grad_norm", "epoch")
 
@@ -77,7 +75,7 @@ class Tracker:
         self.run_id = run.info.run_id
         tags = run_tags(identity, self.spec.dataset_fingerprint)
         if resumed_from_step is not None:
-            tags[RESUMED_TAG] = str(resumed_from_step)
+            tags[TAG_RESUMED_FROM_STEP] = str(resumed_from_step)
         mlflow.set_tags(tags)
         logger.info(
             "MLflow run %s (%s) in experiment %r",
@@ -173,7 +171,7 @@ class Tracker:
             signature=signature,
             pip_requirements=pip_requirements(),
         )
-        mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
+        mlflow.set_tag(TAG_MODEL_URI, info.model_uri)
         logger.info("Logged model %s", info.model_uri)
         return info.model_uri
 

@@ -7,18 +7,15 @@ from string import Formatter
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from trainyard.pipeline_schema import K8S_QUANTITY, check_uri
+from trainer.spec import StrictModel
+from trainyard.pipeline_schema import check_uri, quantity
 
 NAMING_FIELDS = ("pipeline", "environment", "team")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class AirflowDefaults(_Strict):
+class AirflowDefaults(StrictModel):
     schedules_enabled: bool = Field(True, description="false = every DAG is manual-only here (e.g. dev).")
     retries: int = Field(1, ge=0, le=20)
     retry_delay_minutes: float = Field(5, ge=0, le=24 * 60)
@@ -42,7 +39,7 @@ def _without_credentials(value: str | None) -> str | None:
     return value
 
 
-class MlflowSettings(_Strict):
+class MlflowSettings(StrictModel):
     tracking_uri: str = Field(min_length=1, description="sqlite:///..., http(s)://mlflow-server, ...")
     artifact_location: str | None = Field(
         None, description="Artifact root for new experiments on a local store; omit for a server."
@@ -80,7 +77,7 @@ class MlflowSettings(_Strict):
         return _without_credentials(value)
 
 
-class Storage(_Strict):
+class Storage(StrictModel):
     data_root: str = Field(description="Relative dataset paths in pipelines resolve under this.")
     models_root: str = Field(description="Relative base-model paths resolve under this.")
     checkpoint_root: str = Field(description="Checkpoints go to <root>/<pipeline>/<dag run>/<inputs>.")
@@ -110,12 +107,12 @@ ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 PINNED_IMAGE = re.compile(r"^[^\s@]+(@sha256:[0-9a-f]{64}|:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})$")
 
 
-class SecretKey(_Strict):
+class SecretKey(StrictModel):
     secret: str = Field(pattern=DNS_SUBDOMAIN, description="Name of the Kubernetes Secret.")
     key: str = Field(min_length=1, description="Key inside the Secret.")
 
 
-class Secrets(_Strict):
+class Secrets(StrictModel):
     """Credentials reach the pod only as references to Kubernetes Secrets, never as values."""
 
     env_from: tuple[str, ...] = Field((), description="Secrets whose keys all become env vars (envFrom).")
@@ -138,14 +135,14 @@ class Secrets(_Strict):
         return env
 
 
-class Toleration(_Strict):
+class Toleration(StrictModel):
     key: str | None = None
     operator: Literal["Exists", "Equal"] = "Exists"
     value: str | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
 
 
-class Caps(_Strict):
+class Caps(StrictModel):
     """The most one training pod may ask for here; pipelines above it fail to load."""
 
     gpus: int = Field(8, ge=0, le=64)
@@ -153,15 +150,10 @@ class Caps(_Strict):
     memory: str = "512Gi"
     shm_size: str = "64Gi"
 
-    @field_validator("cpu", "memory", "shm_size")
-    @classmethod
-    def _quantity(cls, value: str) -> str:
-        if not K8S_QUANTITY.match(value):
-            raise ValueError(f"'{value}' is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)")
-        return value
+    _quantities = field_validator("cpu", "memory", "shm_size", mode="before")(quantity)
 
 
-class KubernetesSettings(_Strict):
+class KubernetesSettings(StrictModel):
     namespace: str = Field(pattern=DNS_LABEL)
     image: str = Field(description="Trainer image, pinned by tag (not 'latest') or by digest.")
     image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
@@ -193,7 +185,7 @@ class KubernetesSettings(_Strict):
         return value
 
 
-class EnvironmentConfig(_Strict):
+class EnvironmentConfig(StrictModel):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]*$")
     launcher: Literal["local", "kubernetes"]
     airflow: AirflowDefaults = AirflowDefaults()

@@ -6,9 +6,9 @@ import re
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from trainer.spec import EVAL_METRICS, Hyperparameters, ModelSpec
+from trainer.spec import EVAL_METRICS, Hyperparameters, ModelSpec, StrictModel, unique_labels
 
 PIPELINE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 AIRFLOW_PRESETS = (
@@ -25,10 +25,6 @@ URI_SCHEMES = ("s3://", "file://")
 K8S_QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 def check_uri(value: str) -> str:
     """A dataset location: s3://bucket/key, file:// or a local path (relative = under the data root)."""
     if ".." in PurePosixPath(value.split("://", 1)[-1]).parts:
@@ -43,12 +39,20 @@ def check_uri(value: str) -> str:
     return value
 
 
+def quantity(value: Any) -> str:
+    """A Kubernetes resource quantity such as 4, 500m or 16Gi (YAML may give a number)."""
+    text = str(value)
+    if not K8S_QUANTITY.match(text):
+        raise ValueError(f"'{text}' is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)")
+    return text
+
+
 def file_format(uri: str) -> Literal["csv", "parquet"] | None:
     suffix = PurePosixPath(uri).suffix.lower()
     return {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}.get(suffix)  # type: ignore[return-value]
 
 
-class DataChecks(_Strict):
+class DataChecks(StrictModel):
     """Thresholds for ``validate_data``; a run stops before training when any is breached."""
 
     min_rows: int = Field(100, ge=1, description="Minimum rows in the training split.")
@@ -62,7 +66,7 @@ class DataChecks(_Strict):
     )
 
 
-class DatasetConfig(_Strict):
+class DatasetConfig(StrictModel):
     train: str = Field(min_length=1, description="Training split: s3:// URI or path (relative = data root).")
     validation: str = Field(min_length=1, description="Validation split, same forms as train.")
     format: Literal["csv", "parquet"] | None = Field(None, description="Inferred from the file extension.")
@@ -85,32 +89,26 @@ class DatasetConfig(_Strict):
                     "cannot infer the file format from the extensions of train/validation; "
                     "set dataset.format to csv or parquet"
                 )
-        if len(set(self.label_names)) != len(self.label_names):
-            raise ValueError("dataset.label_names must be unique")
         return self
+
+    _unique_labels = field_validator("label_names")(unique_labels)
 
     @property
     def resolved_format(self) -> Literal["csv", "parquet"]:
         return self.format or file_format(self.train)  # type: ignore[return-value]
 
 
-class Resources(_Strict):
+class Resources(StrictModel):
     gpus: int = Field(1, ge=0, le=64, description="GPUs per training pod (torchrun when > 1).")
     gpu_type: str | None = Field(None, description="Key into the environment's GPU node-selector map.")
     cpu: str = Field("4", description="CPU request and limit (Kubernetes quantity).")
     memory: str = Field("16Gi", description="Memory request and limit (Kubernetes quantity).")
     shm_size: str = Field("2Gi", description="Size of /dev/shm for data-loader workers.")
 
-    @field_validator("cpu", "memory", "shm_size", mode="before")
-    @classmethod
-    def _quantity(cls, value: Any) -> str:
-        text = str(value)
-        if not K8S_QUANTITY.match(text):
-            raise ValueError(f"'{text}' is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)")
-        return text
+    _quantities = field_validator("cpu", "memory", "shm_size", mode="before")(quantity)
 
 
-class Promotion(_Strict):
+class Promotion(StrictModel):
     metric: str = Field("eval_f1_macro", description=f"One of: {', '.join(EVAL_METRICS)}.")
     min_value: float | None = Field(None, description="The candidate must reach this value at least.")
     min_improvement: float = Field(0.0, ge=0, description="Required margin over the current champion.")
@@ -128,7 +126,7 @@ class Promotion(_Strict):
         return EVAL_METRICS[self.metric]
 
 
-class PipelineConfig(_Strict):
+class PipelineConfig(StrictModel):
     name: str = Field(description="The DAG id; lowercase letters, digits and dashes.")
     description: str = ""
     owner: str = Field(min_length=1, description="Person or mailbox accountable for the model.")

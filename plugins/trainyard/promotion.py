@@ -30,7 +30,15 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from trainer.spec import MODEL_ARTIFACT
+from trainer.spec import (
+    MODEL_ARTIFACT,
+    TAG_DAG_ID,
+    TAG_ENVIRONMENT,
+    TAG_FINGERPRINT,
+    TAG_MODEL_URI,
+    TAG_PIPELINE,
+    TAG_RUN_ID,
+)
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -44,14 +52,6 @@ log = logging.getLogger(__name__)
 
 #: Absolute slack for threshold comparisons, so 0.862 - 0.860 (= 0.00199999...) meets 0.002.
 TOLERANCE = 1e-9
-
-# Tags the trainer writes on its MLflow run (the contract with ``trainer``).
-TAG_PIPELINE = "trainyard.pipeline"
-TAG_ENVIRONMENT = "trainyard.environment"
-TAG_FINGERPRINT = "trainyard.dataset_fingerprint"
-TAG_DAG_ID = "airflow.dag_id"
-TAG_RUN_ID = "airflow.run_id"
-TAG_MODEL_URI = "trainyard.model_uri"
 
 # Tags this module writes on model versions.
 TAG_DECISION = "trainyard.decision"

@@ -8,7 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from trainer.spec import TAG_PIPELINE
 from trainyard.config import ResolvedPipeline
+from trainyard.promotion import TAG_DECISION, TAG_REASON
 
 
 def _validation_lines(client: Any, run_id: str) -> list[str]:
@@ -44,7 +46,7 @@ def latest_summary(pipeline: ResolvedPipeline) -> str:
         return f"No MLflow experiment '{pipeline.experiment_name}' yet: the pipeline has not run."
     runs = client.search_runs(
         [experiment.experiment_id],
-        filter_string=f"tags.`trainyard.pipeline` = '{pipeline.name}'",
+        filter_string=f"tags.`{TAG_PIPELINE}` = '{pipeline.name}'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
@@ -68,8 +70,8 @@ def latest_summary(pipeline: ResolvedPipeline) -> str:
     if versions:
         version = versions[0]
         tags = version.tags
-        decision = tags.get("trainyard.decision", "undecided").upper()
-        reason = tags.get("trainyard.reason", "")
+        decision = tags.get(TAG_DECISION, "undecided").upper()
+        reason = tags.get(TAG_REASON, "")
         lines.append(f"Model version: {name} v{version.version}: {decision}: {reason}")
     else:
         lines.append(f"Model version: none registered in '{name}' for this run")
