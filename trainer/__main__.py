@@ -4,11 +4,15 @@ Logs go to stderr; the only line on stdout is the final ``{"trainyard_result": {
 
 Exit codes:
     0    trained, evaluated and logged
-    1    unexpected failure (traceback in the log; a retry may help)
+    1    unexpected failure (traceback in the log; a retry may help: after training it resumes at
+         the final checkpoint and repeats only what failed)
     2    invalid command line or run spec (the validation errors are printed; no traceback)
     3    the run cannot succeed as specified: bad data (unknown label, missing column) or model
     130  Ctrl-C (SIGINT): no checkpoint is saved; the MLflow run is ended KILLED
     143  SIGTERM: a checkpoint was saved if training had started; relaunch to resume
+
+Once the MLflow run exists, a failure is recorded on it before exiting (tags ``trainyard.error``,
+``trainyard.error_stage``, ``trainyard.exit_code``, ``trainyard.checkpoint_step``).
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ def setup_logging() -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # mlflow's records then use this handler too
+    if not sys.stderr.isatty():  # no progress bars in pod and task logs (logging a model downloads it)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for noisy in ("urllib3", "botocore", "s3fs", "fsspec", "aiobotocore", "alembic", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -2,6 +2,9 @@
 
 * ``PreemptionCallback`` turns the SIGTERM flag of ``trainer.preemption.Preemption`` into "save a
   checkpoint at the end of this step, then stop".
+* ``training_complete`` / ``ensure_final_checkpoint``: once ``Trainer.train()`` returns, the final
+  weights are a complete checkpoint (mirrored to ``s3://``) before evaluation and model logging, so
+  a failure in those never costs the training: a retry resumes at the last step and trains no more.
 * ``CheckpointStore`` is the checkpoint directory of one DAG run: a local directory, or an ``s3://``
   prefix mirrored from a local working directory (downloaded at start, uploaded after each save).
   It also keeps the MLflow run id, so a relaunched pod continues the same MLflow run.
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -65,6 +69,33 @@ def checkpoint_step(checkpoint: Path) -> int:
     if step is None:
         raise ValueError(f"not a checkpoint directory: {checkpoint}")
     return step
+
+
+def training_complete(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` was saved at the last optimizer step: resuming it would train no more."""
+    state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    max_steps = state.get("max_steps") or 0
+    return max_steps > 0 and state.get("global_step", 0) >= max_steps
+
+
+def ensure_final_checkpoint(trainer, store: CheckpointStore, is_main: bool) -> Path:
+    """The checkpoint of the step training ended at, saved (and uploaded) if the Trainer did not.
+
+    With ``save_strategy="steps"`` the installed Trainer saves at the last step even when
+    ``save_steps`` does not divide it (``DefaultFlowCallback.on_step_end``), and ``MirrorCallback``
+    uploads that save. This guard keeps the guarantee if that behaviour changes: the weights are
+    written with the trainer state last, so the checkpoint counts as complete only once whole.
+    """
+    step = trainer.state.global_step
+    target = store.local_dir / f"checkpoint-{step}"
+    if (target / TRAINER_STATE).is_file():
+        return target
+    logger.warning("No checkpoint was saved at the last step %d: saving the final weights now", step)
+    trainer.save_model(str(target))  # every rank calls it; only the main process writes
+    if is_main:
+        trainer.state.save_to_json(str(target / TRAINER_STATE))
+        store.upload(target)
+    return target
 
 
 class CheckpointStore:

@@ -44,6 +44,27 @@ TAG_TRY_NUMBER = "airflow.try_number"
 TAG_MODEL_URI = "trainyard.model_uri"
 TAG_RESUMED_FROM_STEP = "trainyard.resumed_from_step"
 
+#: Why a run ended FAILED or KILLED, set by the trainer as it stops; ``trainyard summary`` reads them
+#: and a later successful attempt of the same run removes them.
+TAG_ERROR = "trainyard.error"  # "<ExceptionType>: <message>", truncated to ERROR_TAG_CHARS
+TAG_ERROR_STAGE = "trainyard.error_stage"  # one of STAGES
+TAG_EXIT_CODE = "trainyard.exit_code"  # what ``python -m trainer`` exits with (see EXIT_*)
+TAG_CHECKPOINT_STEP = "trainyard.checkpoint_step"  # the newest complete checkpoint kept, if any
+ERROR_TAGS = (TAG_ERROR, TAG_ERROR_STAGE, TAG_EXIT_CODE, TAG_CHECKPOINT_STEP)
+ERROR_TAG_CHARS = 1000
+
+#: The stages of a run, in order. A failure after "training" keeps the final checkpoint, so a
+#: retry resumes at the last step and repeats only the stage that failed and those after it.
+STAGE_SETUP, STAGE_TRAINING, STAGE_EVALUATION, STAGE_MODEL_LOGGING, STAGE_FINISHING = (
+    "setup",
+    "training",
+    "evaluation",
+    "model logging",
+    "finishing",
+)
+STAGES = (STAGE_SETUP, STAGE_TRAINING, STAGE_EVALUATION, STAGE_MODEL_LOGGING, STAGE_FINISHING)
+STAGES_AFTER_TRAINING = frozenset({STAGE_EVALUATION, STAGE_MODEL_LOGGING, STAGE_FINISHING})
+
 
 class StrictModel(BaseModel):
     """Unknown keys are errors and values are immutable: the base of every Trainyard schema."""

@@ -8,12 +8,25 @@ write-once. Nothing here reads ``os.environ``: no secret can end up in a param.
 from __future__ import annotations
 
 import logging
+import tempfile
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from trainer.spec import MODEL_ARTIFACT, TAG_MODEL_URI, TAG_RESUMED_FROM_STEP, RunSpec, run_tags
+from trainer.spec import (
+    ERROR_TAGS,
+    MODEL_ARTIFACT,
+    TAG_CHECKPOINT_STEP,
+    TAG_ERROR,
+    TAG_ERROR_STAGE,
+    TAG_EXIT_CODE,
+    TAG_MODEL_URI,
+    TAG_RESUMED_FROM_STEP,
+    RunSpec,
+    run_tags,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +90,8 @@ class Tracker:
         if resumed_from_step is not None:
             tags[TAG_RESUMED_FROM_STEP] = str(resumed_from_step)
         mlflow.set_tags(tags)
+        if run_id:
+            self._clear_previous_error(run.data.tags)
         logger.info(
             "MLflow run %s (%s) in experiment %r",
             self.run_id,
@@ -84,6 +99,32 @@ class Tracker:
             self.spec.mlflow.experiment_name,
         )
         return self.run_id
+
+    def _clear_previous_error(self, tags: dict[str, str]) -> None:
+        """A new attempt of a failed run: log why the last one failed, then drop its error tags."""
+        from mlflow import MlflowClient
+
+        if TAG_ERROR in tags:
+            logger.info(
+                "The previous attempt of this run failed in %s: %s",
+                tags.get(TAG_ERROR_STAGE, "?"),
+                tags[TAG_ERROR],
+            )
+        client = MlflowClient()
+        for key in ERROR_TAGS:
+            if key in tags:
+                client.delete_tag(self.run_id, key)
+
+    def record_failure(self, error: str, stage: str, exit_code: int, checkpoint_step: int | None) -> None:
+        """Why the run stops, on the run itself, so ``trainyard summary`` can say it and what to do."""
+        if not self.enabled or self.run_id is None:
+            return
+        import mlflow
+
+        tags = {TAG_ERROR: error, TAG_ERROR_STAGE: stage, TAG_EXIT_CODE: str(exit_code)}
+        if checkpoint_step is not None:
+            tags[TAG_CHECKPOINT_STEP] = str(checkpoint_step)
+        mlflow.set_tags(tags)
 
     def _experiment_id(self) -> str:
         import mlflow
@@ -150,29 +191,35 @@ class Tracker:
 
             mlflow.log_dict(data, artifact_file)
 
-    def log_model(self, model, tokenizer, sample_texts: list[str]) -> str | None:
-        """Log the fine-tuned model as a ``text-classification`` pipeline; returns its model URI."""
+    def log_model(self, model, tokenizer, sample_texts: list[str], max_length: int) -> str | None:
+        """Log the fine-tuned model as a pyfunc (``trainer/serving.py``) that truncates every input to
+        ``max_length``, the length it was trained with; returns its model URI.
+
+        The signature comes from that same classifier, so inferring it truncates too.
+        """
         if not self.enabled:
             return None
         import mlflow
-        import pandas as pd
-        import transformers
         from mlflow.models import infer_signature
 
+        from trainer import serving
+
         model.eval()
-        classifier = transformers.pipeline(
-            "text-classification", model=model, tokenizer=tokenizer, device=model.device
-        )
-        signature = infer_signature(sample_texts, pd.DataFrame(classifier(sample_texts)))
-        info = mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tokenizer},
-            name=MODEL_ARTIFACT,
-            task="text-classification",
-            signature=signature,
-            pip_requirements=pip_requirements(),
-        )
+        classifier = serving.TextClassifier.from_objects(model, tokenizer, max_length)
+        signature = infer_signature(sample_texts, classifier.predict(None, sample_texts))
+        with tempfile.TemporaryDirectory(prefix="trainyard-model-") as tmp:
+            directory = Path(tmp) / serving.MODEL_DIR_ARTIFACT
+            save_for_serving(model, tokenizer, max_length, directory)
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT,
+                python_model=serving.__file__,
+                artifacts={serving.MODEL_DIR_ARTIFACT: str(directory)},
+                model_config={serving.MAX_LENGTH_KEY: max_length},
+                signature=signature,
+                pip_requirements=pip_requirements(),
+            )
         mlflow.set_tag(TAG_MODEL_URI, info.model_uri)
-        logger.info("Logged model %s", info.model_uri)
+        logger.info("Logged model %s (inputs truncated to %d tokens)", info.model_uri, max_length)
         return info.model_uri
 
     def end(self, status: str) -> None:
@@ -184,6 +231,19 @@ class Tracker:
         mlflow.end_run(status=status)
         logger.info("MLflow run %s ended: %s", self.run_id, status)
         self.run_id = None
+
+
+def save_for_serving(model, tokenizer, max_length: int, directory: Path) -> None:
+    """Weights and tokenizer as ``from_pretrained`` loads them, the tokenizer's ``model_max_length``
+    set to ``max_length``: whoever loads the directory with transformers and ``truncation=True``
+    gets the trained length, not the tokenizer's default (which may exceed the position limit)."""
+    model.save_pretrained(directory)
+    previous = tokenizer.model_max_length
+    tokenizer.model_max_length = max_length
+    try:
+        tokenizer.save_pretrained(directory)
+    finally:
+        tokenizer.model_max_length = previous
 
 
 class MlflowMetricsCallback(TrainerCallback):

@@ -1,7 +1,11 @@
 """One training run, top to bottom, in the spirit of HuggingFace's ``run_glue.py``.
 
     spec -> data (labels as ids) -> base model + tokenizer -> HF Trainer (resumes from the last
-    checkpoint) -> evaluation -> MLflow (tags, params, metrics, model) -> result
+    checkpoint) -> final checkpoint -> evaluation -> MLflow (tags, params, metrics, model) -> result
+
+Work done is never lost to a failure after training: the final weights are a checkpoint before
+evaluation and logging start, and a relaunch that finds that checkpoint skips training and repeats
+only what failed. A failure records its error, stage and exit code on the MLflow run.
 
 Precision: ``auto`` is bf16 on CUDA GPUs that support it, fp16 on other CUDA GPUs, fp32 on CPU.
 An explicit ``bf16``/``fp16`` without a CUDA GPU falls back to fp32 with a warning (the same pipeline
@@ -24,11 +28,27 @@ from typing import Any
 import numpy as np
 from transformers import TrainerCallback
 
-from trainer.checkpoints import CheckpointStore, MirrorCallback, PreemptionCallback, checkpoint_step
+from trainer.checkpoints import (
+    CheckpointStore,
+    MirrorCallback,
+    PreemptionCallback,
+    checkpoint_step,
+    ensure_final_checkpoint,
+    training_complete,
+)
 from trainer.data import load_splits, tokenize
-from trainer.errors import Terminated, TrainerInputError
+from trainer.errors import Terminated, TrainerInputError, describe, exit_code_for
 from trainer.preemption import Preemption
-from trainer.spec import EVAL_METRICS, RunSpec
+from trainer.spec import (
+    EVAL_METRICS,
+    STAGE_EVALUATION,
+    STAGE_FINISHING,
+    STAGE_MODEL_LOGGING,
+    STAGE_SETUP,
+    STAGE_TRAINING,
+    STAGES_AFTER_TRAINING,
+    RunSpec,
+)
 from trainer.storage import is_s3, storage_options
 from trainer.tracking import MlflowMetricsCallback, Tracker, run_params
 
@@ -233,13 +253,21 @@ def run(spec: RunSpec, preemption: Preemption) -> dict[str, Any] | None:
         model_path = resolve_base_model(spec.model.base, spec.s3_endpoint_url)
     resume = store.latest()
     resumed_from_step = checkpoint_step(resume) if resume else None
-    if resume:
+    trained = resume is not None and training_complete(resume)
+    if trained:
+        logger.info(
+            "Training already complete at step %d (checkpoint %s): evaluating and logging its weights, "
+            "no training",
+            resumed_from_step,
+            resume,
+        )
+    elif resume:
         logger.info("Resuming from checkpoint %s (step %d)", resume, resumed_from_step)
 
     transformers.set_seed(hp.seed)  # the classification head is initialised here, before the Trainer
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_path,
+        str(resume) if trained else model_path,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
@@ -276,6 +304,7 @@ def run(spec: RunSpec, preemption: Preemption) -> dict[str, Any] | None:
     )
     trainer.remove_callback(PrinterCallback)  # it print()s raw dicts to stdout
 
+    stage = STAGE_SETUP
     try:
         run_id = tracker.start(store.read_run_id(), resumed_from_step)
         if run_id:
@@ -284,32 +313,56 @@ def run(spec: RunSpec, preemption: Preemption) -> dict[str, Any] | None:
         if spec.validation_report is not None:
             tracker.log_dict(spec.validation_report, "validation_report.json")
 
-        logger.info(
-            "Training %s: %d steps of %d samples, precision %s, device %s",
-            spec.model.base,
-            total_steps,
-            samples_per_step,
-            precision,
-            args.device,
-        )
-        with preemption.deferred():
-            outcome = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        train_metrics = {k: v for k, v in outcome.metrics.items() if k != "total_flos"}
-        tracker.log_metrics(train_metrics, step=outcome.global_step)
+        stage = STAGE_TRAINING
+        train_metrics: dict[str, float] = {}
+        if trained:  # the metrics of that training were logged by the attempt that trained
+            global_step = resumed_from_step
+        else:
+            logger.info(
+                "Training %s: %d steps of %d samples, precision %s, device %s",
+                spec.model.base,
+                total_steps,
+                samples_per_step,
+                precision,
+                args.device,
+            )
+            with preemption.deferred():
+                outcome = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            global_step = outcome.global_step
+            final = ensure_final_checkpoint(trainer, store, processes.is_main)
+            logger.info("Training complete at step %d; final checkpoint %s", global_step, final.name)
+            train_metrics = {k: v for k, v in outcome.metrics.items() if k != "total_flos"}
+            tracker.log_metrics(train_metrics, step=global_step)
 
+        stage = STAGE_EVALUATION
         eval_metrics = trainer.evaluate()
-        tracker.log_metrics(eval_metrics, step=outcome.global_step)
+        tracker.log_metrics(eval_metrics, step=global_step)
         logger.info("Evaluation: %s", ", ".join(f"{k} {eval_metrics[k]:.4f}" for k in EVAL_METRICS))
 
+        stage = STAGE_MODEL_LOGGING
         sample_texts = data["validation"]["text"][:5]
-        model_uri = tracker.log_model(trainer.model, tokenizer, list(sample_texts))
+        model_uri = tracker.log_model(trainer.model, tokenizer, list(sample_texts), max_length)
+        stage = STAGE_FINISHING
         with preemption.shielded():  # complete: a SIGTERM now must not turn it into KILLED
             tracker.end("FINISHED")
     except BaseException as error:
+        exit_code = exit_code_for(error)
         try:
+            kept = store.latest()
+            tracker.record_failure(
+                describe(error), stage, exit_code, checkpoint_step(kept) if kept is not None else None
+            )
             tracker.end("KILLED" if isinstance(error, Terminated | KeyboardInterrupt) else "FAILED")
         except Exception:  # never hide why the run stopped behind a tracking-server error
-            logger.exception("Could not end the MLflow run")
+            logger.exception("Could not record the failure on the MLflow run")
+        if stage in STAGES_AFTER_TRAINING:
+            logger.error(
+                "Failed in %s after training completed at step %d: its checkpoint is kept, and a retry "
+                "resumes there and repeats only %s and what follows",
+                stage,
+                global_step,
+                stage,
+            )
         raise
 
     if processes.is_main and not spec.keep_checkpoints:
@@ -322,7 +375,7 @@ def run(spec: RunSpec, preemption: Preemption) -> dict[str, Any] | None:
         "model_uri": model_uri,
         "metrics": {k: float(eval_metrics[k]) for k in EVAL_METRICS},
         "resumed_from_step": resumed_from_step,
-        "global_step": outcome.global_step,
+        "global_step": global_step,
         "precision": precision,
         "train": {
             k: train_metrics[k] for k in ("train_runtime", "train_samples_per_second") if k in train_metrics

@@ -43,6 +43,17 @@ def run_spec_for(pipeline: ResolvedPipeline, context: Context, validated: dict[s
     )
 
 
+def training_finished_line(result: dict[str, Any]) -> str:
+    """The task log's one-line account of a trainer result (the keys ``trainer.train.run`` returns)."""
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in (result.get("metrics") or {}).items())
+    resumed = result.get("resumed_from_step")
+    return (
+        f"Training finished: MLflow run {result.get('mlflow_run_id')}, step {result.get('global_step')}"
+        + (f" (resumed from step {resumed})" if resumed is not None else "")
+        + f", metrics {metrics or 'none'}, model {result.get('model_uri')}"
+    )
+
+
 class ValidateDataOperator(BaseOperator):
     """Rejects a bad trigger conf, then checks the dataset; returns the approved fingerprint."""
 
@@ -109,9 +120,7 @@ class LocalTrainOperator(BaseOperator):
             # Timeout or kill: the trainer checkpoints on SIGTERM and must not outlive its task.
             self._trainer.terminate()
             raise
-        self.log.info(
-            "Training finished: MLflow run %s, metrics %s", result.get("run_id"), result.get("metrics")
-        )
+        self.log.info("%s", training_finished_line(result))
         return result
 
     def on_kill(self) -> None:

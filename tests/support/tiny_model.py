@@ -19,10 +19,12 @@ def _training_texts() -> list[str]:
     return [row["text"] for row in rows] + [" ".join(POSITIVE + NEGATIVE + FILLER + EXTRA_WORDS)] * 10
 
 
-def build_tiny_model(directory: Path) -> Path:
+def build_tiny_model(directory: Path, max_position_embeddings: int = 128) -> Path:
     """Write a tiny BERT (model + ``BertTokenizerFast``) to ``directory`` and return it.
 
-    Reuses what is already there, so a session-scoped fixture builds it once.
+    Reuses what is already there, so a session-scoped fixture builds it once. A small
+    ``max_position_embeddings`` below the tokenizer's ``model_max_length`` (128) reproduces a model
+    whose position limit, not its tokenizer, bounds the input: the long-document failure class.
     ``AutoTokenizer`` / ``AutoModelForSequenceClassification.from_pretrained(directory)`` load it; the
     classification head is initialised at load time, as with a real base checkpoint.
     """
@@ -48,7 +50,7 @@ def build_tiny_model(directory: Path) -> Path:
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=128,
-        max_position_embeddings=128,
+        max_position_embeddings=max_position_embeddings,
     )
     torch.manual_seed(0)
     BertModel(config).save_pretrained(directory)
