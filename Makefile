@@ -10,6 +10,7 @@ STAMP := $(VENV)/.installed
 export TRAINYARD_HOME ?= $(CURDIR)/.trainyard
 export TRAINYARD_ENV ?= local
 export AIRFLOW_HOME ?= $(TRAINYARD_HOME)/airflow
+export TRAINYARD_CACHE_DIR ?= $(TRAINYARD_HOME)/cache
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False

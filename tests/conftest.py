@@ -16,6 +16,7 @@ DAGS = ROOT / "dags"
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="trainyard-test-airflow-"))
 os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)  # never the developer's (or `make demo`'s) Airflow
 os.environ["TRAINYARD_HOME"] = str(_AIRFLOW_HOME / "trainyard-home")
+os.environ["TRAINYARD_CACHE_DIR"] = str(_AIRFLOW_HOME / "trainyard-cache")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS)
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"

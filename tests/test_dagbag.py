@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
+from airflow.dag_processing.dagbag import DagBag
 
 from tests.conftest import DAGS, ROOT
+from trainyard.cli import main as cli
+from trainyard.loader_files import loader_file_name, shard_index
+
+LOADERS = sorted(DAGS.glob("trainyard_pipelines_*.py"))
 
 HEAVY = ("torch", "transformers", "datasets", "mlflow", "pandas", "boto3", "pyarrow", "sklearn")
 
 
 def _dagbag():
-    from airflow.dag_processing.dagbag import DagBag
-
     return DagBag(str(DAGS))
 
 
@@ -59,7 +64,12 @@ def test_params_are_generated_from_the_overridable_fields(monkeypatch):
     params = _dagbag().dags["tweet-sentiment"].params
     assert set(params.keys()) == {"epochs", "learning_rate", "batch_size", "max_steps"}
     assert params.get_param("epochs").value == 3, "default is the value in this environment"
-    assert params.get_param("epochs").schema == {"type": "number", "exclusiveMinimum": 0, "maximum": 100}
+    assert params.get_param("epochs").schema == {
+        "$schema": "http://json-schema.org/draft-07/schema#",  # a cheap metaschema to check against
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "maximum": 100,
+    }
     assert params.get_param("batch_size").schema["minimum"] == 1
     assert params.get_param("max_steps").schema["type"] == ["integer", "null"]
     from airflow.sdk.definitions.param import ParamValidationError
@@ -93,8 +103,41 @@ def test_a_broken_environment_is_an_import_error(config_dirs, monkeypatch):
     (environments / "local.yaml").write_text("launcher: teleport\n")
     bag = _dagbag()
     assert bag.dag_ids == []
-    (error,) = bag.import_errors.values()
-    assert "local.yaml" in error and "launcher" in error
+    assert len(bag.import_errors) == len(LOADERS), "every loader file reports it"
+    for error in bag.import_errors.values():
+        assert "local.yaml" in error and "launcher" in error
+
+
+def test_each_pipeline_lands_in_the_loader_file_its_name_hashes_to(config_dirs):
+    pipelines, _ = config_dirs
+    demo = (pipelines / "tweet-sentiment.yaml").read_text()
+    names = [f"team-model-{i:02d}" for i in range(12)]
+    for name in names:
+        (pipelines / f"{name}.yaml").write_text(demo.replace("name: tweet-sentiment", f"name: {name}"))
+    bag = _dagbag()
+    assert bag.import_errors == {}
+    assert sorted(bag.dag_ids) == sorted([*names, "tweet-sentiment"])
+    used = set()
+    for dag_id in bag.dag_ids:
+        expected = DAGS / loader_file_name(shard_index(dag_id, len(LOADERS)), len(LOADERS))
+        assert Path(bag.dags[dag_id].fileloc) == expected, "fileloc is stable: a hash of the name"
+        used.add(expected)
+    assert len(used) > 1, "the pipelines spread over several loader files"
+    one_file = DagBag(str(DAGS / loader_file_name(0, len(LOADERS))))
+    assert set(one_file.dag_ids) == {d for d in bag.dag_ids if shard_index(d, len(LOADERS)) == 0}
+
+
+def test_an_incomplete_set_of_loader_files_is_an_error_not_missing_dags(tmp_path, capsys):
+    for loader in LOADERS[1:]:  # loader 0 is missing: its pipelines would silently vanish
+        shutil.copy(loader, tmp_path)
+    shutil.copytree(DAGS / "pipelines", tmp_path / "pipelines")
+    shutil.copytree(DAGS / "environments", tmp_path / "environments")
+    bag = DagBag(str(tmp_path))
+    assert len(bag.import_errors) == len(LOADERS) - 1
+    for error in bag.import_errors.values():
+        assert f"missing: {loader_file_name(0, len(LOADERS))}" in error
+    assert cli(["lint", "--dags-dir", str(tmp_path)]) == 1
+    assert f"missing: {loader_file_name(0, len(LOADERS))}" in capsys.readouterr().err
 
 
 def test_parsing_imports_no_heavy_library():

@@ -45,6 +45,13 @@ def _private_stdout() -> TextIO:
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
+    from trainyard.loader_files import LoaderFilesError, check_loader_files
+
+    try:
+        loaders = check_loader_files(args.dags_dir or paths.dags_dir())
+    except LoaderFilesError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     failures = list(iter_lint(args.pipelines_dir, args.environments_dir))
     for env_name, error in failures:
         print(f"[{env_name}] {error}", file=sys.stderr)
@@ -53,7 +60,10 @@ def cmd_lint(args: argparse.Namespace) -> int:
     if failures:
         print(f"{len(failures)} file/environment combination(s) failed", file=sys.stderr)
         return 1
-    emit(f"OK: {len(files)} pipeline(s) valid in {len(envs)} environment(s): {', '.join(envs)}")
+    emit(
+        f"OK: {len(files)} pipeline(s) valid in {len(envs)} environment(s): {', '.join(envs)}; "
+        f"{loaders} loader file(s)"
+    )
     return 0
 
 
@@ -64,10 +74,16 @@ def _pipeline(name: str, env_name: str | None) -> ResolvedPipeline:
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    from trainyard.overrides import param_schemas
+    from trainyard.overrides import PARAM_SCHEMA_DIALECT, param_schemas
 
     schemas = param_schemas(_pipeline(args.pipeline, args.env))
-    emit(json.dumps({"type": "object", "properties": schemas, "additionalProperties": False}, indent=2))
+    document = {
+        "$schema": PARAM_SCHEMA_DIALECT,
+        "type": "object",
+        "properties": schemas,
+        "additionalProperties": False,
+    }
+    emit(json.dumps(document, indent=2))
     return 0
 
 
@@ -123,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     lint = sub.add_parser("lint", help="validate every pipeline against every environment")
     lint.add_argument("--pipelines-dir", type=Path, default=None)
     lint.add_argument("--environments-dir", type=Path, default=None)
+    lint.add_argument("--dags-dir", type=Path, default=None, help="where the loader files are")
     lint.set_defaults(func=cmd_lint)
 
     for name, func, helptext in (

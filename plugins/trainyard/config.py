@@ -7,7 +7,7 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -19,6 +19,7 @@ from trainer.spec import DataSpec, Hyperparameters, MlflowSpec, RunIdentity, Run
 from trainyard import paths
 from trainyard.config_errors import ConfigError, Loc, Problem, problems_from_validation, suggest_key
 from trainyard.environment_schema import EnvironmentConfig
+from trainyard.parse_cache import ParseCache
 from trainyard.pipeline_schema import PipelineConfig
 from trainyard.yaml_source import line_index, nearest_line, read_mapping
 
@@ -295,9 +296,12 @@ def environment_limits(config: PipelineConfig, environment: EnvironmentConfig) -
 
 
 def load_pipeline(
-    path: Path, environment: EnvironmentConfig, known_environments: list[str]
+    path: Path,
+    environment: EnvironmentConfig,
+    known_environments: list[str],
+    cache: ParseCache | None = None,
 ) -> ResolvedPipeline:
-    raw, text = read_mapping(path)
+    raw, text = read_mapping(path, environment.pipeline_files, cache)
     overrides = raw.get("environments") or {}
     problems: list[Problem] = []
     if isinstance(overrides, dict):
@@ -368,16 +372,26 @@ def load_pipelines(
     environment: EnvironmentConfig,
     pipelines_dir: Path | None = None,
     environments_dir: Path | None = None,
+    select: Callable[[Path], bool] | None = None,
+    cache: ParseCache | None = None,
 ) -> tuple[list[ResolvedPipeline], list[ConfigError]]:
-    """Every pipeline that loads, and every file that does not: a bad file never hides the good ones."""
+    """Every pipeline that loads, and every file that does not: a bad file never hides the good ones.
+
+    ``select`` picks files by path before any is read (a loader file builds only its slice);
+    ``cache`` skips parsing files whose text was parsed before (validation always runs).
+    """
     known = available_environments(environments_dir)
     good: list[ResolvedPipeline] = []
     errors: list[ConfigError] = []
     for path in pipeline_files(pipelines_dir):
+        if select is not None and not select(path):
+            continue
         try:
-            good.append(load_pipeline(path, environment, known))
+            good.append(load_pipeline(path, environment, known, cache))
         except ConfigError as exc:
             errors.append(exc)
+    if cache is not None:
+        cache.save()
     return good, errors
 
 

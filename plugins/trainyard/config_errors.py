@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import reprlib
 import types
 import typing
 from collections.abc import Iterable, Sequence
@@ -12,6 +13,25 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 Loc = tuple[str | int, ...]
+
+#: An error report stays readable and cheap whatever the input: long texts are clipped and at most
+#: this many problems are listed (the count of the rest is given).
+MAX_PROBLEMS = 25
+MAX_MESSAGE_CHARS = 400
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 120
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 6
+_repr.maxlevel = 3
+
+
+def short_repr(value: object) -> str:
+    """repr() whose cost and length are bounded, for quoting what a user wrote."""
+    return _repr.repr(value)
+
+
+def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 @dataclass(frozen=True)
@@ -23,9 +43,9 @@ class Problem:
 
     def render(self) -> str:
         where = f"line {self.line}, " if self.line else ""
-        field = self.path or "(top level)"
-        text = f"{where}{field}: {self.message}"
-        return f"{text}; {self.suggestion}" if self.suggestion else text
+        field = clip(self.path or "(top level)", 200)
+        text = f"{where}{field}: {clip(self.message)}"
+        return f"{text}; {clip(self.suggestion)}" if self.suggestion else text
 
 
 class ConfigError(ValueError):
@@ -39,7 +59,10 @@ class ConfigError(ValueError):
     def __str__(self) -> str:
         count = len(self.problems)
         header = f"{self.file}: {count} problem{'s' if count != 1 else ''}"
-        return "\n".join([header, *(f"  - {p.render()}" for p in self.problems)])
+        lines = [header, *(f"  - {p.render()}" for p in self.problems[:MAX_PROBLEMS])]
+        if count > MAX_PROBLEMS:
+            lines.append(f"  ... and {count - MAX_PROBLEMS} more")
+        return "\n".join(lines)
 
 
 def dotted(loc: Iterable[str | int]) -> str:
@@ -71,7 +94,7 @@ def _as_model(annotation: object) -> type[BaseModel] | None:
 
 def suggest_key(key: str, valid: Iterable[str]) -> str | None:
     valid = list(valid)
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6) if len(key) <= 100 else []
     if close:
         return f"did you mean '{close[0]}'?"
     return f"valid keys here: {', '.join(valid)}" if valid else None
@@ -101,7 +124,7 @@ def problems_from_validation(
             if field is not None and field.description:
                 suggestion = f"add it: {field.description}"
         elif "input" in error and kind not in ("model_type", "dict_type") and not kind.startswith("value_"):
-            message = f"{message} (got {error['input']!r})"
+            message = f"{clip(message)} (got {short_repr(error['input'])})"
             if kind == "string_type" and isinstance(error["input"], bool):
                 suggestion = "YAML reads unquoted yes/no/on/off/true/false as booleans: quote the value"
         reported, line = locate(loc)

@@ -7,6 +7,7 @@ is also emitted as a warning (kept by the DAG processor with the file).
 
 from __future__ import annotations
 
+import hashlib
 import re
 import warnings
 from datetime import UTC, datetime, timedelta
@@ -20,6 +21,7 @@ from trainyard import paths
 from trainyard.config import ResolvedPipeline, load_environment, load_pipelines
 from trainyard.config_errors import ConfigError
 from trainyard.environment_schema import EnvironmentConfig
+from trainyard.loader_files import Shard, shard_of_loader
 from trainyard.operators import (
     PROMOTE_TASK,
     TRAIN_TASK,
@@ -28,7 +30,8 @@ from trainyard.operators import (
     PromoteOperator,
     ValidateDataOperator,
 )
-from trainyard.overrides import param_schemas
+from trainyard.overrides import PARAM_SCHEMA_DIALECT, param_schemas
+from trainyard.parse_cache import ParseCache, default_cache_dir
 
 START_DATE = datetime(2024, 1, 1, tzinfo=UTC)
 INVALID_TAG = "trainyard:invalid"
@@ -81,7 +84,10 @@ def _doc_md(pipeline: ResolvedPipeline) -> str:
 def build_dag(pipeline: ResolvedPipeline) -> DAG:
     cfg = pipeline.config
     airflow = pipeline.environment.airflow
-    params = {name: Param(**schema) for name, schema in param_schemas(pipeline).items()}
+    params = {
+        name: Param(**schema, **{"$schema": PARAM_SCHEMA_DIALECT})
+        for name, schema in param_schemas(pipeline).items()
+    }
     dag = DAG(
         dag_id=cfg.name,
         description=(cfg.description or f"Trainyard pipeline {cfg.name}")[:200],
@@ -141,12 +147,20 @@ def build_error_dag(error: ConfigError, environment: EnvironmentConfig) -> DAG:
     return dag
 
 
-def build_dags(dags_folder: Path | None = None, environment: str | None = None) -> dict[str, DAG]:
-    """{dag_id: DAG} for every pipeline file; broken files become placeholders (see module doc)."""
+def build_dags(
+    dags_folder: Path | None = None, environment: str | None = None, shard: Shard | None = None
+) -> dict[str, DAG]:
+    """{dag_id: DAG} for every pipeline file (of ``shard``); broken files become placeholders."""
     pipelines_dir = paths.pipelines_dir(dags_folder)
     environments_dir = paths.environments_dir(dags_folder)
     env = load_environment(environment, environments_dir)  # a broken environment is an import error
-    good, errors = load_pipelines(env, pipelines_dir, environments_dir)
+    good, errors = load_pipelines(
+        env,
+        pipelines_dir,
+        environments_dir,
+        select=shard.holds if shard is not None else None,
+        cache=_parse_cache(pipelines_dir, shard),
+    )
     dags: dict[str, DAG] = {}
     for pipeline in good:
         dags[pipeline.name] = build_dag(pipeline)
@@ -156,3 +170,16 @@ def build_dags(dags_folder: Path | None = None, environment: str | None = None) 
         if dag_id not in dags:
             dags[dag_id] = build_error_dag(error, env)
     return dags
+
+
+def _parse_cache(pipelines_dir: Path, shard: Shard | None) -> ParseCache:
+    """One cache file per (pipelines folder, slice): each loader file keeps only its own entries."""
+    folder = hashlib.sha256(str(pipelines_dir.resolve()).encode()).hexdigest()[:12]
+    part = f"{shard.index}-of-{shard.count}" if shard is not None else "all"
+    return ParseCache(default_cache_dir() / f"pipelines-{folder}-{part}.json")
+
+
+def build_loader_dags(loader_file: str) -> dict[str, DAG]:
+    """The DAGs of the pipelines that hash to this loader file (see trainyard.loader_files)."""
+    path = Path(loader_file)
+    return build_dags(path.parent, shard=shard_of_loader(path))

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 
 from trainer.spec import StrictModel
 from trainyard.pipeline_schema import check_uri, quantity
+from trainyard.yaml_source import YamlLimits
 
 NAMING_FIELDS = ("pipeline", "environment", "team")
 
@@ -192,6 +193,9 @@ class EnvironmentConfig(StrictModel):
     mlflow: MlflowSettings
     storage: Storage
     kubernetes: KubernetesSettings | None = Field(None, description="Required when launcher is kubernetes.")
+    pipeline_files: YamlLimits = Field(
+        YamlLimits(), description="What one pipeline file may cost to parse; a file over it is refused."
+    )
 
     @model_validator(mode="after")
     def _kubernetes_when_needed(self) -> EnvironmentConfig:

@@ -18,6 +18,12 @@ from trainer.spec import Hyperparameters
 from trainyard.config import ResolvedPipeline
 from trainyard.config_errors import suggest_key
 
+#: The JSON Schema dialect of the trigger-form Params. Airflow checks a Param's schema against its
+#: dialect's metaschema every time it resolves the Param (at least once per scheduled DAG parse).
+#: The default 2020-12 metaschema is split into vocabularies joined by $ref/allOf and costs ~0.4 ms
+#: per check; draft-07's is one flat document (~0.15 ms), and our keywords mean the same in both.
+PARAM_SCHEMA_DIALECT = "http://json-schema.org/draft-07/schema#"
+
 _SCHEMA_KEYWORDS = (
     "type",
     "minimum",
