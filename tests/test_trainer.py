@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from tests.support.s3 import CREDENTIALS, MotoS3
-from tests.support.synthetic_data import sentiment_rows, write_csv, write_parquet, write_splits
+from tests.support.synthetic_data import (
+    sentiment_rows,
+    unpunctuated_text,
+    write_csv,
+    write_long_splits,
+    write_parquet,
+    write_splits,
+)
 from tests.support.tiny_model import build_tiny_model
 from trainer.spec import EVAL_METRICS, MODEL_ARTIFACT, DataSpec, RunSpec, run_tags
 from trainer.storage import dataset_fingerprint
@@ -548,3 +555,140 @@ def test_sigterm_after_the_run_is_complete_does_not_undo_it():
             preemption.check()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# -- long documents: truncation at inference, and no work lost to a failure after training ----------
+
+#: A position limit far below the texts (~1,000 words) and below ``model.max_length`` (256).
+SHORT_POSITIONS = 64
+
+
+@pytest.fixture(scope="session")
+def tiny_model_64(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-bert-64"), max_position_embeddings=SHORT_POSITIONS)
+
+
+@pytest.fixture(scope="session")
+def long_splits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_long_splits(tmp_path_factory.mktemp("long-data"), train_rows=160, validation_rows=40)
+
+
+def long_spec(tmp_path: Path, model: Path, splits: tuple[Path, Path], **hyperparameters) -> dict:
+    spec = make_spec(tmp_path, str(model), str(splits[0]), str(splits[1]), **hyperparameters)
+    spec["model"]["max_length"] = 256  # beyond the position limit: the trainer uses 64
+    return spec
+
+
+PROGRESS_LINE = re.compile(r"step \d+/\d+ +epoch")
+
+
+@pytest.mark.slow
+def test_logged_model_truncates_texts_far_beyond_the_position_limit(tmp_path, tiny_model_64, long_splits):
+    spec = long_spec(tmp_path, tiny_model_64, long_splits, max_steps=4)
+    proc = run_trainer(spec, child_env(tmp_path))
+    result = result_of(proc)
+    assert "model.max_length 256 exceeds what" in proc.stderr and "truncating to 64 tokens" in proc.stderr
+
+    import mlflow
+
+    mlflow_client(spec)
+    model = mlflow.pyfunc.load_model(result["model_uri"])
+    assert model.metadata.flavors["python_function"]["config"] == {"max_length": SHORT_POSITIONS}
+    article = " ".join(["The film was wonderful, and the team loved it."] * 250)  # 2,250 words
+    texts = [article, unpunctuated_text(2000), "42", "None", "[1, 2]"]
+    predictions = model.predict(texts)
+    assert len(predictions) == len(texts)
+    assert set(predictions["label"]) <= {"negative", "positive"}
+    assert predictions["score"].between(0, 1).all()
+    assert list(model.predict(article)["label"]) == [predictions["label"][0]], "a bare string is one text"
+    # The signature was inferred by the same truncating classifier, on validation texts of ~1,000 words.
+    assert [c.type.name for c in model.metadata.get_input_schema().inputs] == ["string"]
+    assert model.metadata.get_output_schema().input_names() == ["label", "score"]
+    # Loaded with plain transformers, the saved tokenizer carries the trained length too.
+    from transformers import AutoTokenizer
+
+    logged = mlflow.get_logged_model(result["model_uri"].removeprefix("models:/"))
+    tokenizer = AutoTokenizer.from_pretrained(Path(logged.artifact_location) / "artifacts" / "hf_model")
+    assert tokenizer.model_max_length == SHORT_POSITIONS
+
+
+def block_model_artifacts(artifact_location: Path) -> Path:
+    """The failure injected after training: a regular file where MLflow 3 puts logged models
+    (``<experiment artifact location>/models/``), so ``log_model`` really fails writing there
+    (``NotADirectoryError``/``FileExistsError``) while the run's own artifacts still work."""
+    artifact_location.mkdir(parents=True, exist_ok=True)
+    blocker = artifact_location / "models"
+    blocker.write_text("not a directory: logging a model here fails\n")
+    return blocker
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_a_failure_after_training_is_retried_without_training_again(
+    tmp_path, tiny_model_64, long_splits, storage, request
+):
+    """13 steps, a checkpoint every 5: the final step is no multiple of it and must still be kept."""
+    spec = long_spec(tmp_path, tiny_model_64, long_splits, max_steps=13, checkpoint_every_steps=5)
+    env = child_env(tmp_path)
+    if storage == "s3":
+        endpoint, credentials = request.getfixturevalue("s3")
+        spec.update(s3_endpoint_url=endpoint, checkpoint_dir="s3://trainyard/checkpoints/run-1")
+        env = child_env(tmp_path, TRAINYARD_SCRATCH=str(tmp_path / "pod-1"), **credentials)
+    blocker = block_model_artifacts(Path(spec["mlflow"]["artifact_location"]))
+
+    first = run_trainer(spec, env)
+    assert first.returncode == 1, first.stderr[-4000:]
+    assert "Training complete at step 13; final checkpoint checkpoint-13" in first.stderr
+    assert "Failed in model logging after training completed at step 13" in first.stderr
+    client = mlflow_client(spec)
+    (run,) = client.search_runs([client.get_experiment_by_name("tweet-sentiment").experiment_id])
+    assert run.info.status == "FAILED"
+    tags = run.data.tags
+    assert tags["trainyard.error_stage"] == "model logging"
+    assert tags["trainyard.exit_code"] == "1"
+    assert tags["trainyard.checkpoint_step"] == "13"
+    error = tags["trainyard.error"]
+    assert re.match(r"(NotADirectoryError|FileExistsError|OSError|MlflowException): ", error), error
+    assert "eval_accuracy" in run.data.metrics, "evaluation ran before logging failed"
+    trained_loss_points = len(client.get_metric_history(run.info.run_id, "loss"))
+    if storage == "s3":
+        import fsspec
+
+        fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": spec["s3_endpoint_url"]})
+        assert fs.exists("trainyard/checkpoints/run-1/checkpoint-13/trainer_state.json"), "uploaded"
+    else:
+        assert (tmp_path / "checkpoints" / "checkpoint-13" / "trainer_state.json").is_file()
+
+    from trainyard.summary import failure_lines
+
+    summary = "\n".join(failure_lines(run.info.status, tags))
+    assert "Failed in model logging (trainer exit code 1):" in summary
+    assert "does not train again" in summary and "step 13" in summary
+
+    blocker.unlink()  # the cause is fixed; Airflow retries the task: same spec, next try
+    spec["identity"]["try_number"] = 2
+    if storage == "s3":  # a relaunched pod: nothing on local disk, the checkpoint comes from S3
+        env["TRAINYARD_SCRATCH"] = str(tmp_path / "pod-2")
+    second = run_trainer(spec, env)
+    result = result_of(second)
+    assert "Training already complete at step 13" in second.stderr
+    assert not PROGRESS_LINE.search(second.stderr), "the retry did not train"
+    assert "The previous attempt of this run failed in model logging" in second.stderr
+    assert result["mlflow_run_id"] == run.info.run_id
+    assert result["resumed_from_step"] == result["global_step"] == 13
+
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["trainyard.resumed_from_step"] == "13"
+    assert run.data.tags["airflow.try_number"] == "2"
+    assert not any(k in run.data.tags for k in ("trainyard.error", "trainyard.error_stage")), "cleared"
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == trained_loss_points
+    assert len(client.get_metric_history(run.info.run_id, "train_runtime")) == 1, "trained once"
+    assert run.data.tags["trainyard.model_uri"] == result["model_uri"]
+
+    import mlflow
+
+    version = mlflow.register_model(result["model_uri"], "tweet-sentiment")
+    assert version.run_id == run.info.run_id
+    served = mlflow.pyfunc.load_model(f"models:/tweet-sentiment/{version.version}")
+    assert len(served.predict([unpunctuated_text(3000)])) == 1

@@ -12,7 +12,6 @@ and it truncates only if told to. Here the input is always text and always trunc
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import pandas as pd
@@ -24,8 +23,6 @@ MODEL_DIR_ARTIFACT = "hf_model"
 #: Inference settings persisted in the pyfunc flavor (``model_config``); ``max_length`` is required.
 MAX_LENGTH_KEY = "max_length"
 OUTPUT_COLUMNS = ("label", "score")
-
-warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
 
 
 def as_texts(model_input: Any) -> list[str]:
@@ -79,7 +76,7 @@ class TextClassifier(PythonModel):
         )
 
     # ``model_input`` has no type hint on purpose: mlflow would then accept only that type (a list,
-    # not a bare string) instead of checking the logged signature.
+    # not a bare string) instead of checking the logged signature. (It warns "Add type hints" once.)
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
         texts = as_texts(model_input)
         if not texts:

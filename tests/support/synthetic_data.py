@@ -52,3 +52,31 @@ def write_splits(
     train = writer(directory / f"train.{fmt}", sentiment_rows(train_rows, seed=1, prefix="t"))
     validation = writer(directory / f"validation.{fmt}", sentiment_rows(validation_rows, seed=2, prefix="v"))
     return train, validation
+
+
+def long_document_rows(n_rows: int, seed: int, words: int = 1000, prefix: str = "") -> list[dict[str, str]]:
+    """Like ``sentiment_rows``, each text continued with ``words`` neutral words in sentences: far
+    beyond 512 tokens, while the sentiment sits in the first tokens, where truncation keeps it."""
+    rng = random.Random(seed)
+    rows = sentiment_rows(n_rows, seed, prefix)
+    for row in rows:
+        filler = [rng.choice(FILLER) for _ in range(words)]
+        sentences = [" ".join(filler[i : i + 12]) + "." for i in range(0, words, 12)]
+        row["text"] = f"{row['text']}. {' '.join(sentences)}"
+    return rows
+
+
+def write_long_splits(
+    directory: Path, train_rows: int = 160, validation_rows: int = 40, words: int = 1000
+) -> tuple[Path, Path]:
+    """train/validation CSVs of long documents (see ``long_document_rows``)."""
+    train = long_document_rows(train_rows, seed=1, words=words, prefix="t")
+    validation = long_document_rows(validation_rows, seed=2, words=words, prefix="v")
+    return write_csv(directory / "train.csv", train), write_csv(directory / "validation.csv", validation)
+
+
+def unpunctuated_text(words: int = 2000) -> str:
+    """A long text with no punctuation at all, e.g. a lowercased transcript: the input that made the
+    mlflow transformers flavor's text-classification pyfunc raise MemoryError (ast.literal_eval)."""
+    cycle = [*POSITIVE, *FILLER]
+    return " ".join(cycle[i % len(cycle)] for i in range(words))
