@@ -72,10 +72,26 @@ def test_params_are_generated_from_the_overridable_fields(monkeypatch):
     }
     assert params.get_param("batch_size").schema["minimum"] == 1
     assert params.get_param("max_steps").schema["type"] == ["integer", "null"]
-    from airflow.sdk.definitions.param import ParamValidationError
+    from airflow.sdk.definitions.param import ParamValidationError, process_params
 
     with pytest.raises(ParamValidationError):
         params.get_param("learning_rate").resolve(-1.0)
+    dag = _dagbag().dags["tweet-sentiment"]
+    for task in dag.tasks:  # what a running task sees: the DAG's params, then the conf
+        resolved = process_params(dag, task, {"epochs": 2}, suppress_exception=False)
+        assert resolved == {"epochs": 2, "learning_rate": 5e-5, "batch_size": 32, "max_steps": None}
+        with pytest.raises(ParamValidationError):
+            process_params(dag, task, {"epochs": -1}, suppress_exception=False)
+
+
+def test_params_survive_serialization_as_the_scheduler_and_api_server_see_them(monkeypatch):
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    monkeypatch.setenv("TRAINYARD_ENV", "prod")
+    dag = _dagbag().dags["tweet-sentiment"]
+    restored = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    assert set(restored.params.keys()) == {"epochs", "learning_rate", "batch_size", "max_steps"}
+    assert restored.params.get_param("epochs").schema["maximum"] == 100
 
 
 def test_a_broken_pipeline_file_leaves_the_good_dags_and_shows_its_error(config_dirs, monkeypatch):

@@ -97,7 +97,6 @@ def build_dag(pipeline: ResolvedPipeline) -> DAG:
         max_active_runs=1,
         tags=["trainyard", f"team:{cfg.team}", f"env:{pipeline.environment.name}"],
         doc_md=_doc_md(pipeline),
-        params=params,
         default_args={
             "owner": cfg.owner,
             "retries": airflow.retries,
@@ -111,6 +110,11 @@ def build_dag(pipeline: ResolvedPipeline) -> DAG:
         train = _train_operator(pipeline)
         promote = PromoteOperator(task_id=PROMOTE_TASK, pipeline=pipeline)
         validate >> train >> promote
+    # Set after the tasks exist: Airflow deep-copies a DAG's params into each operator once per
+    # __init__ in its class hierarchy (seven copies here), which tasks never need, because the task
+    # runner merges dag.params into the context itself (airflow.sdk.definitions.param.process_params).
+    # Assigning them runs the same conversion and validation as the constructor, once.
+    dag.params = params
     return dag
 
 
