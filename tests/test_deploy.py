@@ -200,8 +200,15 @@ def test_image_requirements_are_the_project_pins() -> None:
     assert {"transformers", "datasets", "mlflow", "s3fs", "accelerate", "pydantic"} <= set(trainer)
     assert not {"torch", "transformers", "datasets", "accelerate"} & set(airflow), "no ML stack in Airflow"
     assert {"apache-airflow-providers-cncf-kubernetes", "mlflow-skinny", "pyarrow", "s3fs"} <= set(airflow)
-    for extra in ("jupyter-requirements.txt", "mlflow-requirements.txt"):
-        requirement_pins(DOCKER / extra)  # pinned too
+    requirement_pins(DOCKER / "jupyter-requirements.txt")  # pinned too
+    mlflow = requirement_pins(DOCKER / "mlflow-requirements.txt")
+    server_only = {"prometheus-flask-exporter", "prometheus-client", "psycopg2-binary"}
+    for package, version in mlflow.items():
+        if package not in server_only:
+            assert project.get(package) == version, (
+                f"mlflow image pins {package}=={version}, requirements.txt {project.get(package)}"
+            )
+    assert set(mlflow) >= {"mlflow", "boto3", *server_only}
     text = (DOCKER / "airflow.Dockerfile").read_text()
     assert re.search(r"^FROM apache/airflow:3\.3\.2-python3\.11 AS airflow$", text, re.MULTILINE)
     assert '"apache-airflow==3.3.2"' in text
@@ -512,6 +519,7 @@ EXPECTED_KEYS: dict[str, tuple[str, ...]] = {
         "images.airflow.tag",
         "dags.gitSync.enabled",
         "dags.gitSync.repo",
+        "dags.gitSync.ref",
         "dags.gitSync.subPath",
         "env",
         "extraEnvFrom",
@@ -520,9 +528,14 @@ EXPECTED_KEYS: dict[str, tuple[str, ...]] = {
         "workers.serviceAccount.create",
         "triggerer.enabled",
         "dagProcessor.enabled",
+        "config.dag_processor.refresh_interval",
+        "redis.enabled",
+        "createUserJob.args",
     ),
     "airflow/values-dev.yaml": (
         "env",
+        "dags.gitSync.ref",
+        "createUserJob.env",
         "data.metadataSecretName",
         "fernetKeySecretName",
         "workers.serviceAccount.name",
@@ -530,6 +543,8 @@ EXPECTED_KEYS: dict[str, tuple[str, ...]] = {
     ),
     "airflow/values-prod.yaml": (
         "env",
+        "dags.gitSync.ref",
+        "createUserJob.env",
         "data.metadataSecretName",
         "fernetKeySecretName",
         "workers.serviceAccount.name",
@@ -537,6 +552,7 @@ EXPECTED_KEYS: dict[str, tuple[str, ...]] = {
     ),
     "mlflow/values.yaml": (
         "image.tag",
+        "initImages.mlflowDbMigration.tag",
         "service.port",
         "backendStore.postgres.enabled",
         "backendStore.existingDatabaseSecret.name",
@@ -546,6 +562,7 @@ EXPECTED_KEYS: dict[str, tuple[str, ...]] = {
         "extraEnvVars.MLFLOW_S3_ENDPOINT_URL",
         "extraArgs.allowed-hosts",
         "serviceMonitor.enabled",
+        "serviceMonitor.useServicePort",
         "serviceMonitor.labels",
     ),
     "mlflow/values-dev.yaml": ("replicaCount",),
@@ -554,6 +571,7 @@ EXPECTED_KEYS: dict[str, tuple[str, ...]] = {
         "mode",
         "replicas",
         "existingSecret",
+        "users",
         "buckets",
         "metrics.serviceMonitor.enabled",
     ),
@@ -561,6 +579,7 @@ EXPECTED_KEYS: dict[str, tuple[str, ...]] = {
         "mode",
         "replicas",
         "existingSecret",
+        "users",
         "buckets",
         "metrics.serviceMonitor.enabled",
     ),
@@ -677,6 +696,7 @@ def test_mlflow_and_minio_values_follow_the_environment_yaml() -> None:
     mlflow = load_yaml(HELM / "mlflow/values.yaml")
     project = requirement_pins(ROOT / "requirements.txt")
     assert mlflow["image"]["tag"] == project["mlflow"]
+    assert mlflow["initImages"]["mlflowDbMigration"] == {k: mlflow["image"][k] for k in ("repository", "tag")}
     allowed = mlflow["extraArgs"]["allowed-hosts"].split(",")
     buckets_needed = {mlflow["artifactRoot"]["s3"]["bucket"]}
     for name in CLUSTER_ENVS:
