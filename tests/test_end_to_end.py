@@ -16,7 +16,7 @@ import yaml
 
 from tests.conftest import DAGS, ROOT
 from tests.support.pipelines import tiny_pipeline
-from tests.support.synthetic_data import write_splits
+from tests.support.synthetic_data import unpunctuated_text, write_long_splits, write_splits
 from tests.support.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -29,6 +29,8 @@ def workspace(tmp_path_factory, airflow_db) -> dict[str, str]:
     home = tmp_path_factory.mktemp("trainyard-home")
     write_splits(home / "data" / "tiny", train_rows=320, validation_rows=80)
     build_tiny_model(home / "models" / "tiny-bert")
+    write_long_splits(home / "data" / "long", train_rows=160, validation_rows=40, words=1000)
+    build_tiny_model(home / "models" / "tiny-bert-64", max_position_embeddings=64)
     pipelines = tmp_path_factory.mktemp("pipelines")
     (pipelines / f"{PIPELINE}.yaml").write_text(
         yaml.safe_dump(
@@ -165,3 +167,45 @@ def test_bad_data_stops_the_run_before_training(workspace):
     assert "Dataset validation failed: 1 of 17 checks failed" in output, output[-4000:]
     assert "min_rows [train]" in output and "relax dataset.checks" in output
     assert "Starting trainer" not in output
+
+
+def test_long_documents_train_log_register_and_serve(workspace):
+    """~1,000-word texts, ``model.max_length: 256``, a model with 64 positions: the failure class where
+    logging the model used to run it on untruncated texts after a full training."""
+    name = "tiny-long-docs"
+    document = tiny_pipeline(
+        name,
+        "tiny-bert-64",
+        description="Long documents beyond the model's position limit.",
+        dataset={
+            "train": "long/train.csv",
+            "validation": "long/validation.csv",
+            "label_names": ["negative", "positive"],
+            "checks": {"min_rows": 100, "min_validation_rows": 20},
+        },
+        model={"base": "tiny-bert-64", "max_length": 256},
+    )
+    path = Path(workspace["TRAINYARD_PIPELINES_DIR"]) / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    try:
+        result = _dags_test(workspace, pipeline=name)
+    finally:
+        path.unlink()
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "truncating to 64 tokens" in output
+
+    client = _mlflow(workspace)
+    (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert run.info.status == "FINISHED"
+    assert f"Training finished: MLflow run {run.info.run_id}, step " in output
+    (version,) = client.search_model_versions(f"name = '{name}'")
+    assert version.run_id == run.info.run_id
+    assert version.tags["trainyard.decision"] in {"promoted", "rejected"}
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{workspace['TRAINYARD_HOME']}/mlflow.db")
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
+    predictions = model.predict([unpunctuated_text(2000), " ".join(["A long, fine article."] * 500)])
+    assert set(predictions["label"]) <= {"negative", "positive"} and len(predictions) == 2

@@ -576,6 +576,7 @@ def long_splits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def long_spec(tmp_path: Path, model: Path, splits: tuple[Path, Path], **hyperparameters) -> dict:
     spec = make_spec(tmp_path, str(model), str(splits[0]), str(splits[1]), **hyperparameters)
     spec["model"]["max_length"] = 256  # beyond the position limit: the trainer uses 64
+    spec["validation_report"] = None  # make_spec's stand-in is not a report `trainyard summary` reads
     return spec
 
 
@@ -659,11 +660,11 @@ def test_a_failure_after_training_is_retried_without_training_again(
     else:
         assert (tmp_path / "checkpoints" / "checkpoint-13" / "trainer_state.json").is_file()
 
-    from trainyard.summary import failure_lines
-
-    summary = "\n".join(failure_lines(run.info.status, tags))
-    assert "Failed in model logging (trainer exit code 1):" in summary
-    assert "does not train again" in summary and "step 13" in summary
+    summary = summary_of(spec)
+    assert f"MLflow run: {run.info.run_id} (FAILED)" in summary
+    assert f"Failed in model logging (trainer exit code 1): {error}" in summary
+    assert "does not train again" in summary and "(step 13)" in summary
+    assert "Full traceback: the Airflow log of task train (try 1)" in summary
 
     blocker.unlink()  # the cause is fixed; Airflow retries the task: same spec, next try
     spec["identity"]["try_number"] = 2
@@ -692,3 +693,97 @@ def test_a_failure_after_training_is_retried_without_training_again(
     assert version.run_id == run.info.run_id
     served = mlflow.pyfunc.load_model(f"models:/tweet-sentiment/{version.version}")
     assert len(served.predict([unpunctuated_text(3000)])) == 1
+
+
+def summary_of(spec: dict) -> str:
+    """``trainyard summary``'s text for the pipeline of ``spec``, read from its real MLflow store."""
+    from types import SimpleNamespace
+
+    from trainyard.summary import latest_summary
+
+    pipeline = SimpleNamespace(  # only what the summary reads of a ResolvedPipeline
+        name=spec["identity"]["pipeline"],
+        experiment_name=spec["mlflow"]["experiment_name"],
+        registered_model_name=spec["identity"]["pipeline"],
+        environment=SimpleNamespace(
+            name="local", mlflow=SimpleNamespace(tracking_uri=spec["mlflow"]["tracking_uri"])
+        ),
+        config=SimpleNamespace(promotion=SimpleNamespace(alias="champion")),
+    )
+    return latest_summary(pipeline)
+
+
+@pytest.mark.parametrize(
+    ("tags", "expected"),
+    [
+        (
+            {
+                "trainyard.error_stage": "training",
+                "trainyard.exit_code": "1",
+                "trainyard.checkpoint_step": "40",
+            },
+            "the retry resumes from the checkpoint at step 40",
+        ),
+        ({"trainyard.error_stage": "training", "trainyard.exit_code": "1"}, "the retry starts afresh"),
+        ({"trainyard.error_stage": "setup", "trainyard.exit_code": "1"}, "before training started"),
+        (
+            {"trainyard.error_stage": "setup", "trainyard.exit_code": "3"},
+            "retrying the same run fails the same",
+        ),
+        (
+            {
+                "trainyard.error_stage": "training",
+                "trainyard.exit_code": "143",
+                "trainyard.checkpoint_step": "7",
+            },
+            "clear the train task; it resumes from the checkpoint at step 7",
+        ),
+        (
+            {
+                "trainyard.error_stage": "evaluation",
+                "trainyard.exit_code": "1",
+                "trainyard.checkpoint_step": "9",
+            },
+            "repeats only evaluation and what follows",
+        ),
+    ],
+)
+def test_summary_says_why_a_run_failed_and_what_to_do(tags, expected):
+    from trainyard.summary import failure_lines
+
+    lines = failure_lines("FAILED", {"trainyard.error": "RuntimeError: boom", **tags})
+    assert lines[0].startswith(f"Failed in {tags['trainyard.error_stage']} (trainer exit code ")
+    assert lines[0].endswith(": RuntimeError: boom")
+    assert expected in lines[1], lines
+    assert failure_lines("FINISHED", {"trainyard.error": "stale"}) == []
+
+
+def test_summary_names_a_known_cause_and_a_run_without_an_error_record():
+    from trainyard.summary import failure_lines
+
+    oom = failure_lines(
+        "FAILED", {"trainyard.error": "OutOfMemoryError: CUDA out of memory. Tried to allocate"}
+    )
+    assert any("lower training.batch_size" in line for line in oom)
+    (line,) = failure_lines("FAILED", {})
+    assert "recorded no error" in line and "OOMKilled" in line
+
+
+def test_error_description_is_one_bounded_line():
+    from trainer.errors import Terminated, TrainerInputError, describe, exit_code_for
+
+    text = describe(RuntimeError("The size of tensor a (587)\n must match " + "x" * 5000), limit=80)
+    assert (
+        len(text) == 80
+        and "\n" not in text
+        and text.startswith("RuntimeError: The size of tensor a (587) must")
+    )
+    assert describe(Terminated()) == "Terminated"
+    assert [
+        exit_code_for(e) for e in (RuntimeError(), TrainerInputError(), Terminated(), KeyboardInterrupt())
+    ] == [
+        1,
+        3,
+        143,
+        130,
+    ]
