@@ -144,8 +144,9 @@ def test_hostile_files_become_placeholders_and_the_good_dag_keeps_loading(config
     _write_hostile(pipelines)
     code = textwrap.dedent(
         f"""
-        import json, resource, time
+        import json, time
         from airflow.dag_processing.dagbag import DagBag
+        from tests.support.memory import peak_rss_mb
         start = time.perf_counter()
         bag = DagBag({str(DAGS)!r})
         print(json.dumps({{
@@ -153,7 +154,7 @@ def test_hostile_files_become_placeholders_and_the_good_dag_keeps_loading(config
             "import_errors": list(bag.import_errors),
             "dags": {{d: sorted(bag.dags[d].tags) for d in bag.dag_ids}},
             "docs": {{d: bag.dags[d].doc_md for d in bag.dag_ids}},
-            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_mb": peak_rss_mb(),
         }}))
         """
     )
@@ -176,14 +177,15 @@ def test_lint_names_every_hostile_file_quickly_and_in_bounded_memory(config_dirs
     pipelines, _ = config_dirs
     _write_hostile(pipelines)
     code = (
-        "import resource, sys\n"
+        "import sys\n"
+        "from tests.support.memory import peak_rss_mb\n"
         "from trainyard.cli import main\n"
         "code = main(['lint'])\n"
-        "print(f'peak_mb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}', file=sys.stderr)\n"
+        "print(f'peak_mb={peak_rss_mb():.0f}', file=sys.stderr)\n"
         "sys.exit(code)\n"
     )
     lint = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False, cwd=ROOT
     )
     assert lint.returncode == 1
     for env in ("local", "dev", "prod"):
