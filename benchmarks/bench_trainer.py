@@ -1,4 +1,4 @@
-"""Training throughput of ``python -m trainer`` itself, against the DESIGN.md GPU anchor.
+"""Training throughput of ``python -m trainer`` itself, against a GPU anchor.
 
 The anchor (plain HF ``Trainer``, BERT-base-sized classifier, seq 128, synthetic tokens, one H200):
 fp32 batch 32: 483 samples/s, bf16 batch 32: 804, bf16 batch 128: 2,679.

@@ -354,3 +354,22 @@ def test_yaml_booleans_where_text_is_expected_get_a_quoting_hint(config_dirs):
     problem = _error(pipelines, environments).problems[0]
     assert problem.path == "dataset.label_names[0]" and "got False" in problem.message
     assert "quote the value" in problem.suggestion
+
+
+def test_the_old_name_of_must_reach_still_works_with_a_warning(config_dirs):
+    pipelines, environments = config_dirs
+    _edit(pipelines / DEMO, "  must_reach: 0.70", "  min_value: 0.70")
+    _edit(pipelines / DEMO, "environments:\n", "environments:\n  dev:\n    promotion: {min_value: 0.5}\n")
+    with pytest.warns(UserWarning) as caught:
+        pipeline = _load(pipelines, environments, "dev")
+    assert pipeline.config.promotion.must_reach == 0.5, "the dev override, under its old name"
+    messages = sorted(str(w.message) for w in caught)
+    fix = "is deprecated; rename it to promotion.must_reach"
+    assert messages == [
+        f"{pipelines / DEMO}: line {_line_of(pipelines / DEMO, '  min_value: 0.70')}, "
+        f"promotion.min_value {fix}",
+        f"{pipelines / DEMO}: line {_line_of(pipelines / DEMO, '{min_value: 0.5}')}, "
+        f"environments.dev.promotion.min_value {fix}",
+    ]
+    _edit(pipelines / DEMO, "  min_value: 0.70", "  min_value: 0.70\n  must_reach: 0.8")
+    assert "set only must_reach" in str(_error(pipelines, environments))

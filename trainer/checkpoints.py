@@ -1,4 +1,4 @@
-"""Resumable checkpoints and SIGTERM handling (DESIGN.md principle 8: preemption is normal).
+"""Resumable checkpoints and SIGTERM handling: a low-priority pod may be preempted at any time.
 
 * ``PreemptionCallback`` turns the SIGTERM flag of ``trainer.preemption.Preemption`` into "save a
   checkpoint at the end of this step, then stop".

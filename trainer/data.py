@@ -72,7 +72,7 @@ def load_splits(spec: RunSpec):
 
 
 def staged_files(spec: RunSpec) -> dict[str, str]:
-    """Local files holding exactly the bytes ``validate_data`` approved (DESIGN.md principle 9).
+    """Local files holding exactly the bytes ``validate_data`` approved.
 
     Remote files are copied once into scratch space while they are hashed, and training reads the
     copies, so an object overwritten after validation can never be trained on under the approved

@@ -1,4 +1,5 @@
-"""SIGTERM as a clean stop (DESIGN.md principle 8). Standard library only: installed before heavy imports.
+"""SIGTERM as a clean stop: a preempted pod saves and exits. Standard library only, so it is
+installed before the heavy imports.
 
 Outside the training loop SIGTERM raises ``Terminated`` at once (the process exits 143 promptly);
 inside it (``deferred``) it only sets a flag that ``trainer.checkpoints.PreemptionCallback`` turns

@@ -2,7 +2,7 @@
 
 This module is the single source of truth for what a training run may be told. It imports only
 pydantic so the Airflow side (which has no torch) validates pipelines and trigger-time overrides
-against the very same models at parse time (DESIGN.md principle 7).
+against the very same models at parse time: the two sides can never disagree on what is valid.
 """
 
 from __future__ import annotations
@@ -31,10 +31,13 @@ PERMANENT_EXIT_CODES = frozenset({EXIT_INVALID_SPEC, EXIT_BAD_INPUT})
 #: The artifact path under the MLflow run where the trained model is logged.
 MODEL_ARTIFACT = "model"
 
-_FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
+#: A dataset fingerprint: the SHA-256 of the validated bytes.
+FINGERPRINT_PATTERN = r"^sha256:[0-9a-f]{64}$"
+_FINGERPRINT = re.compile(FINGERPRINT_PATTERN)
 
 
-#: MLflow tags of a training run (DESIGN.md): promotion finds the run by them.
+#: MLflow tags of a training run: promotion finds the run of a DAG run by them, so their names are
+#: a contract between the trainer and the Airflow side.
 TAG_PIPELINE = "trainyard.pipeline"
 TAG_ENVIRONMENT = "trainyard.environment"
 TAG_FINGERPRINT = "trainyard.dataset_fingerprint"
@@ -191,7 +194,7 @@ def label_id(value: object, label_names: tuple[str, ...]) -> int | None:
 
 
 def run_tags(identity: RunIdentity, dataset_fingerprint: str) -> dict[str, str]:
-    """The MLflow run tags fixed by DESIGN.md; promotion searches by them."""
+    """The MLflow run tags that identify a training run; promotion searches by them."""
     return {
         TAG_PIPELINE: identity.pipeline,
         TAG_ENVIRONMENT: identity.environment,

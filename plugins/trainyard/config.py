@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,7 +21,7 @@ from trainyard import paths
 from trainyard.config_errors import ConfigError, Loc, Problem, problems_from_validation, suggest_key
 from trainyard.environment_schema import EnvironmentConfig
 from trainyard.parse_cache import ParseCache
-from trainyard.pipeline_schema import PipelineConfig
+from trainyard.pipeline_schema import DEPRECATED_FIELDS, PipelineConfig
 from trainyard.yaml_source import line_index, nearest_line, read_mapping
 
 log = logging.getLogger(__name__)
@@ -348,6 +349,7 @@ def load_pipeline(
     ]
     if problems:
         raise ConfigError(path, problems)
+    _warn_deprecated(path, raw, text)
     if config.name != path.stem:
         raise ConfigError(
             path,
@@ -361,6 +363,29 @@ def load_pipeline(
             ],
         )
     return ResolvedPipeline(config=config, environment=environment, source=path)
+
+
+class DeprecatedFieldWarning(UserWarning):
+    """An old field name that still works; the DAG processor shows it with the file."""
+
+
+def _warn_deprecated(path: Path, raw: dict[str, Any], text: str) -> None:
+    overrides = raw.get("environments") if isinstance(raw.get("environments"), dict) else {}
+    scopes: list[tuple[Loc, Any]] = [
+        ((), raw),
+        *((("environments", str(k)), v) for k, v in overrides.items()),
+    ]
+    for prefix, scope in scopes:
+        for (section, old), new in DEPRECATED_FIELDS.items():
+            if isinstance(scope, dict) and isinstance(scope.get(section), dict) and old in scope[section]:
+                loc = (*prefix, section, old)
+                line = nearest_line(line_index(text), loc)
+                where = f"line {line}, " if line else ""
+                warnings.warn(
+                    f"{path}: {where}{'.'.join(loc)} is deprecated; rename it to {section}.{new}",
+                    DeprecatedFieldWarning,
+                    stacklevel=2,
+                )
 
 
 def pipeline_files(pipelines_dir: Path | None = None) -> list[Path]:

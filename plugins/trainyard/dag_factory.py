@@ -21,15 +21,9 @@ from trainyard import paths
 from trainyard.config import ResolvedPipeline, load_environment, load_pipelines
 from trainyard.config_errors import ConfigError
 from trainyard.environment_schema import EnvironmentConfig
+from trainyard.handoff import PROMOTE_TASK, TRAIN_TASK, VALIDATE_TASK
 from trainyard.loader_files import Shard, shard_of_loader
-from trainyard.operators import (
-    PROMOTE_TASK,
-    TRAIN_TASK,
-    VALIDATE_TASK,
-    LocalTrainOperator,
-    PromoteOperator,
-    ValidateDataOperator,
-)
+from trainyard.operators import LocalTrainOperator, PromoteOperator, ValidateDataOperator
 from trainyard.overrides import PARAM_SCHEMA_DIALECT, param_schemas
 from trainyard.parse_cache import ParseCache, default_cache_dir
 
@@ -61,7 +55,8 @@ def _doc_md(pipeline: ResolvedPipeline) -> str:
     hp = cfg.training.model_dump()
     overridable = ", ".join(f"`{name}`" for name in cfg.overridable) or "none"
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in hp.items())
-    threshold = f", at least {rule.min_value}" if rule.min_value is not None else ""
+    bound = "at least" if rule.direction == "max" else "at most"
+    threshold = f", {bound} {rule.must_reach}" if rule.must_reach is not None else ""
     return f"""### {cfg.name}
 
 {cfg.description}

@@ -2,7 +2,7 @@
 
 Everything security-relevant (image, namespace, PriorityClass, service account, command,
 resources) comes from the environment and pipeline files; the trigger conf reaches the pod only
-as validated hyperparameters inside the JSON run spec argument (DESIGN.md principle 5).
+as validated hyperparameters inside the JSON run spec argument: overrides cannot escalate.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from kubernetes.client import models as _models
 
 from trainer.spec import PERMANENT_EXIT_CODES, RunSpec
 from trainyard.config import ResolvedPipeline
+from trainyard.handoff import Approval
 from trainyard.launch import LaunchSpec, trainer_env
-from trainyard.operators import run_spec_for, validated_result
+from trainyard.operators import approval, run_spec_for
 
 CONTAINER_NAME = "base"  # the KubernetesPodOperator's name for the main container
 CACHE_DIR = "/cache"
@@ -197,16 +198,16 @@ class KubernetesTrainOperator(KubernetesPodOperator):
         self.max_relaunches = pipeline.environment.kubernetes.max_preemption_relaunches  # type: ignore[union-attr]
         self._last_remote_pod: Any = None
 
-    def prepare_run(self, context: Context, validated: dict[str, Any]) -> None:
+    def prepare_run(self, context: Context, approved: Approval) -> None:
         """Fill in the command and labels of this DAG run (also used by ``trainyard render``)."""
-        spec = run_spec_for(self.pipeline, context, validated)
+        spec = run_spec_for(self.pipeline, context, approved)
         argv = launch_argv(self.pipeline, spec)
         self.cmds = [argv[0]]
         self.arguments = list(argv[1:])
         self.labels = {**self.labels, **pod_labels(self.pipeline, context["dag_run"].run_id)}
 
     def execute(self, context: Context) -> Any:
-        self.prepare_run(context, validated_result(context))
+        self.prepare_run(context, approval(context))
         while True:
             outcome = self._attempt(context, lambda: super(KubernetesTrainOperator, self).execute(context))
             if outcome is not _RELAUNCH:

@@ -1,6 +1,7 @@
 """How the trainer is started: one launch description for the local process and the Kubernetes pod.
 
-The run spec travels as one JSON argv element, never through a shell (DESIGN.md principle 6).
+The run spec travels as one JSON argv element, never through a shell: no
+value from YAML or conf can be interpreted as a command.
 """
 
 from __future__ import annotations

@@ -11,35 +11,30 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
-from trainer.spec import PERMANENT_EXIT_CODES, Hyperparameters, RunSpec
+from trainer.spec import PERMANENT_EXIT_CODES, RunSpec
 from trainyard.config import ResolvedPipeline
+from trainyard.handoff import Approval, HandoffMissing
 from trainyard.overrides import ConfRejected, validate_conf
-
-VALIDATE_TASK = "validate_data"
-TRAIN_TASK = "train"
-PROMOTE_TASK = "promote"
 
 log = logging.getLogger(__name__)
 
 
-def validated_result(context: Context) -> dict[str, Any]:
-    validated = context["ti"].xcom_pull(task_ids=VALIDATE_TASK)
-    if not validated or "fingerprint" not in validated:
-        raise AirflowFailException(
-            f"{VALIDATE_TASK} left no result for run {context['dag_run'].run_id} (was it marked success "
-            f"by hand?); clear {VALIDATE_TASK} and its downstream tasks to validate the data again"
-        )
-    return validated
+def approval(context: Context) -> Approval:
+    """This run's approval; a missing or forged one fails the task without retries, with the fix."""
+    try:
+        return Approval.pull(context)
+    except HandoffMissing as exc:
+        raise AirflowFailException(str(exc)) from None
 
 
-def run_spec_for(pipeline: ResolvedPipeline, context: Context, validated: dict[str, Any]) -> RunSpec:
+def run_spec_for(pipeline: ResolvedPipeline, context: Context, approved: Approval) -> RunSpec:
     """The trainer's input for this DAG run and try, from what validate_data approved."""
     return pipeline.run_spec(
         run_id=context["dag_run"].run_id,
         try_number=context["ti"].try_number,
-        hyperparameters=Hyperparameters.model_validate(validated["hyperparameters"]),
-        dataset_fingerprint=validated["fingerprint"],
-        validation_report=validated.get("report"),
+        hyperparameters=approved.hyperparameters,
+        dataset_fingerprint=approved.fingerprint,
+        validation_report=approved.report,
     )
 
 
@@ -87,12 +82,12 @@ class ValidateDataOperator(BaseOperator):
         except DataValidationError as exc:
             # Bad data does not get better by retrying: fail now, before any GPU is requested.
             raise AirflowFailException(f"Pipeline '{self.pipeline.name}': {exc}") from None
-        return {
-            "fingerprint": report.fingerprint,
-            "report": report.to_dict(),
-            "hyperparameters": hyperparameters.model_dump(mode="json"),
-            "overrides": overrides,
-        }
+        return Approval(
+            fingerprint=report.fingerprint,
+            hyperparameters=hyperparameters,
+            overrides=overrides,
+            report=report.to_dict(),
+        ).to_xcom()
 
 
 class LocalTrainOperator(BaseOperator):
@@ -108,7 +103,7 @@ class LocalTrainOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         from trainyard.launch import LaunchSpec, LocalTrainer, TrainerFailed
 
-        spec = run_spec_for(self.pipeline, context, validated_result(context))
+        spec = run_spec_for(self.pipeline, context, approval(context))
         self._trainer = LocalTrainer(LaunchSpec.for_run(spec), self.log)
         try:
             result = self._trainer.run()
@@ -149,7 +144,7 @@ class PromoteOperator(BaseOperator):
                 client,
                 self.pipeline,
                 dag_run_id=dag_run.run_id,
-                approved_fingerprint=validated_result(context)["fingerprint"],
+                approved_fingerprint=approval(context).fingerprint,
                 triggered_by=getattr(dag_run, "triggering_user_name", None),
             )
         except PromotionRefused as exc:

@@ -1,9 +1,9 @@
 """Trigger-time overrides: the JSON schema behind the Airflow trigger form, and the gate in front of it.
 
-Only hyperparameters a pipeline lists under ``overridable`` are reachable from a DAG run's conf
-(DESIGN.md principle 5). Airflow enforces a declared Param's schema, but conf keys that are not
-declared Params pass Airflow silently, so ``validate_conf`` re-checks the whole conf before any
-data is read or any pod is created.
+Only hyperparameters a pipeline lists under ``overridable`` are reachable from a DAG run's conf, so
+overrides cannot escalate: image, resources and the like are never reachable. Airflow enforces a
+declared Param's schema, but conf keys that are not declared Params pass Airflow silently, so
+``validate_conf`` re-checks the whole conf before any data is read or any pod is created.
 """
 
 from __future__ import annotations

@@ -108,11 +108,32 @@ class Resources(StrictModel):
     _quantities = field_validator("cpu", "memory", "shm_size", mode="before")(quantity)
 
 
+#: Old field names still accepted, with what to write instead (``trainyard lint`` and the DAG
+#: processor warn about each use).
+DEPRECATED_FIELDS: dict[tuple[str, str], str] = {
+    ("promotion", "min_value"): "must_reach",
+}
+
+
 class Promotion(StrictModel):
     metric: str = Field("eval_f1_macro", description=f"One of: {', '.join(EVAL_METRICS)}.")
-    min_value: float | None = Field(None, description="The candidate must reach this value at least.")
+    must_reach: float | None = Field(
+        None,
+        description="The value the candidate's metric must reach: at least it for accuracy and F1, "
+        "at most it for eval_loss.",
+    )
     min_improvement: float = Field(0.0, ge=0, description="Required margin over the current champion.")
     alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_name(cls, data: Any) -> Any:
+        """``min_value`` read wrongly for eval_loss, where it is a maximum; it still works."""
+        if isinstance(data, dict) and "min_value" in data:
+            if "must_reach" in data:
+                raise ValueError("min_value is the old name of must_reach: set only must_reach")
+            data = {("must_reach" if k == "min_value" else k): v for k, v in data.items()}
+        return data
 
     @field_validator("metric")
     @classmethod

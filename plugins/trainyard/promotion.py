@@ -1,12 +1,12 @@
 """The ``promote`` step: register this DAG run's model and move the alias only if it beats the champion.
 
-DESIGN.md principle 9: never promote a worse model, a model without the metric, or a model trained
-on data other than the data ``validate_data`` approved; every decision leaves an audit trail on the
-model version (who, what, when, why).
+Promotion is where trust is earned: never promote a worse model, a model without the metric, or a
+model trained on data other than the data ``validate_data`` approved; every decision leaves an audit
+trail on the model version (who, what, when, why).
 
 The rule itself is the pure function :func:`decide`; :func:`promote` does the MLflow I/O with an
 injected ``MlflowClient``. MLflow is imported only inside functions so that Airflow task code can
-import this module while parsing DAG files (principle 4).
+import this module while parsing DAG files, which must stay cheap (see docs/architecture.md).
 
 Order of writes in :func:`promote`, chosen so that a retried task converges:
 
@@ -106,22 +106,22 @@ def _better_by(direction: str, candidate: float, champion: float) -> float:
     return candidate - champion if direction == "max" else champion - candidate
 
 
-def _min_value_problem(rule: Promotion, value: float) -> str | None:
+def _must_reach_problem(rule: Promotion, value: float) -> str | None:
     """Why ``value`` misses the rule's absolute bar, or None when it passes (or there is none)."""
-    if rule.min_value is None:
+    if rule.must_reach is None:
         return None
-    if rule.direction == "max" and value < rule.min_value - TOLERANCE:
-        return f"{rule.metric} {_fmt(value)} is below the required minimum {_fmt(rule.min_value)}"
-    if rule.direction == "min" and value > rule.min_value + TOLERANCE:
-        return f"{rule.metric} {_fmt(value)} is above the allowed maximum {_fmt(rule.min_value)}"
+    if rule.direction == "max" and value < rule.must_reach - TOLERANCE:
+        return f"{rule.metric} {_fmt(value)} is below the required minimum {_fmt(rule.must_reach)}"
+    if rule.direction == "min" and value > rule.must_reach + TOLERANCE:
+        return f"{rule.metric} {_fmt(value)} is above the allowed maximum {_fmt(rule.must_reach)}"
     return None
 
 
 def _bar(rule: Promotion) -> str:
-    if rule.min_value is None:
+    if rule.must_reach is None:
         return ""
     word = "minimum" if rule.direction == "max" else "maximum"
-    return f" and meets the {word} {_fmt(rule.min_value)}"
+    return f" and meets the {word} {_fmt(rule.must_reach)}"
 
 
 def decide(
@@ -135,17 +135,17 @@ def decide(
     """Whether the candidate replaces the champion, and why, as a sentence with the numbers.
 
     ``rule.direction`` says which way is better ("max": accuracy, F1; "min": loss). For "min",
-    ``rule.min_value`` is the largest acceptable value. With a champion, the candidate must be
+    ``rule.must_reach`` is the largest acceptable value. With a champion, the candidate must be
     strictly better (a tie never replaces the champion) by at least ``rule.min_improvement``.
     ``champion_version`` only names the champion in the reason. ``champion_has_metric=False``
     means an alias holder exists but has no (finite) value of the metric: the candidate then
-    replaces it only if it passes ``min_value``.
+    replaces it only if it passes ``must_reach``.
     """
     metric = rule.metric
     name = f"champion v{champion_version}" if champion_version else "champion"
     if not math.isfinite(candidate_value):
         return False, f"{metric} of the candidate is {candidate_value}, not a number that can be compared"
-    problem = _min_value_problem(rule, candidate_value)
+    problem = _must_reach_problem(rule, candidate_value)
     if problem:
         return False, problem
     if champion_value is not None and not math.isfinite(champion_value):
@@ -153,7 +153,7 @@ def decide(
 
     if champion_value is None:
         if not champion_has_metric:
-            bar = _bar(rule) or "; no min_value is set, so nothing else is required"
+            bar = _bar(rule) or "; no must_reach is set, so nothing else is required"
             return True, (
                 f"{name} has no {metric} to compare with; the candidate's {metric} "
                 f"{_fmt(candidate_value)} replaces it{' because it' if _bar(rule) else ''}{bar}"
@@ -398,8 +398,9 @@ def _champion_value(client: MlflowClient, champion: ModelVersion, metric: str) -
 
 def _rule_text(rule: Promotion) -> str:
     parts = [f"{rule.metric} ({'higher' if rule.direction == 'max' else 'lower'} is better)"]
-    if rule.min_value is not None:
-        parts.append(f"{'min' if rule.direction == 'max' else 'max'}_value={_fmt(rule.min_value)}")
+    if rule.must_reach is not None:
+        bound = "at least" if rule.direction == "max" else "at most"
+        parts.append(f"must_reach={_fmt(rule.must_reach)} ({bound})")
     parts.append(f"min_improvement={_fmt(rule.min_improvement)}")
     return ", ".join(parts)
 

@@ -24,7 +24,7 @@ def render_pod(
     from kubernetes.client import ApiClient
 
     from trainyard.dag_factory import build_dag
-    from trainyard.operators import TRAIN_TASK
+    from trainyard.handoff import TRAIN_TASK, Approval
 
     if pipeline.environment.launcher != "kubernetes":
         raise ValueError(
@@ -36,7 +36,6 @@ def render_pod(
     task = dag.get_task(TRAIN_TASK)
     ti = SimpleNamespace(dag_id=dag.dag_id, task_id=TRAIN_TASK, map_index=-1, try_number=try_number)
     context: Any = {"ti": ti, "run_id": run_id, "dag": dag, "dag_run": SimpleNamespace(run_id=run_id)}
-    validated = {"hyperparameters": hyperparameters.model_dump(mode="json"), "fingerprint": fingerprint}
-    task.prepare_run(context, validated)
+    task.prepare_run(context, Approval(fingerprint=fingerprint, hyperparameters=hyperparameters))
     pod = task.build_pod_request_obj(context, dry_run=True)
     return ApiClient().sanitize_for_serialization(pod)

@@ -1,0 +1,56 @@
+"""What ``validate_data`` promises ``train`` and ``promote``: one typed hand-off through XCom.
+
+The approval is the only thing that crosses stages. ``train`` builds the run spec from it (the
+validated hyperparameters, the fingerprint the trainer must find again) and ``promote`` refuses a
+model trained on any other fingerprint, so it is written and read in one place, validated both
+ways: a hand-edited or stale XCom fails with a fix, never with a KeyError deep in a stage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, ValidationError
+
+from trainer.spec import FINGERPRINT_PATTERN, Hyperparameters, StrictModel
+
+VALIDATE_TASK = "validate_data"
+TRAIN_TASK = "train"
+PROMOTE_TASK = "promote"
+
+
+class HandoffMissing(RuntimeError):
+    """The approval is absent or unreadable; the message says how to get a valid one."""
+
+
+class Approval(StrictModel):
+    """The data and settings ``validate_data`` approved for one DAG run."""
+
+    fingerprint: str = Field(pattern=FINGERPRINT_PATTERN, description="SHA-256 of the validated bytes.")
+    hyperparameters: Hyperparameters = Field(description="The pipeline's training section with overrides.")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Conf values that changed a default.")
+    report: dict[str, Any] | None = Field(None, description="The data validation report, for MLflow.")
+
+    def to_xcom(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_xcom(cls, value: Any, run_id: str) -> Approval:
+        fix = f"clear {VALIDATE_TASK} and its downstream tasks of run {run_id} to validate the data again"
+        if not value:
+            raise HandoffMissing(
+                f"{VALIDATE_TASK} left no result for run {run_id} (was it marked success by hand?); {fix}"
+            )
+        try:
+            return cls.model_validate(value)
+        except ValidationError as exc:
+            fields = ", ".join(".".join(map(str, e["loc"])) or "(top)" for e in exc.errors())
+            raise HandoffMissing(
+                f"{VALIDATE_TASK}'s result for run {run_id} is not a valid approval ({fields}); {fix}"
+            ) from None
+
+    @classmethod
+    def pull(cls, context: Any) -> Approval:
+        """The approval of this DAG run, read from ``validate_data``'s XCom."""
+        value = context["ti"].xcom_pull(task_ids=VALIDATE_TASK)
+        return cls.from_xcom(value, context["dag_run"].run_id)
