@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-DAGS = ROOT / "dags"
+from tests.support.paths import DAGS, ROOT
 
 # Airflow reads its configuration when first imported: point it at a throwaway home first.
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="trainyard-test-airflow-"))

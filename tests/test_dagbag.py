@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from airflow.dag_processing.dagbag import DagBag
 
-from tests.conftest import DAGS, ROOT
+from tests.support.paths import DAGS, ROOT
 from trainyard.cli import main as cli
 from trainyard.loader_files import loader_file_name, shard_index
 

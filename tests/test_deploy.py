@@ -22,11 +22,11 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
+from tests.support.paths import ROOT
 from trainyard.config import load_environment, load_pipeline, pipeline_files
 from trainyard.environment_schema import EnvironmentConfig
 from trainyard.kubernetes_train import CACHE_DIR, SCRATCH_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 HELM = ROOT / "helm-values"
 CHART = HELM / "trainyard-cluster"

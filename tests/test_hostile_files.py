@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DAGS, ROOT
+from tests.support.paths import DAGS, ROOT
 from trainyard.config import available_environments, load_environment, load_pipeline, load_pipelines
 from trainyard.config_errors import MAX_PROBLEMS, ConfigError
 from trainyard.yaml_source import YamlLimits, parse

@@ -29,8 +29,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import DAGS, ROOT
 from tests.support.k8s_emulator import KubernetesEmulator
+from tests.support.paths import DAGS, ROOT
 from tests.support.pipelines import tiny_pipeline
 from tests.support.s3 import CREDENTIALS, MotoS3
 from tests.support.synthetic_data import write_splits

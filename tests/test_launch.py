@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 
 import pytest
 
@@ -31,20 +32,35 @@ def test_output_streams_and_the_result_line_is_returned(monkeypatch, caplog):
 
 
 @pytest.mark.parametrize(
-    ("code", "fragment"),
+    ("code", "exit_code", "message"),
     [
-        ("import sys; print('model.base /x: not a model directory', file=sys.stderr); sys.exit(3)", "code 3"),
-        ("import os, signal; os.kill(os.getpid(), signal.SIGTERM)", "interrupted (SIGTERM)"),
-        ("print('no result')", "no 'trainyard_result' line"),
+        (
+            "import sys; print('model.base /x: not a model directory', file=sys.stderr); sys.exit(3)",
+            3,
+            "Training failed: the trainer exited with code 3. Last trainer output:\n"
+            "    model.base /x: not a model directory",
+        ),
+        (
+            "import os, signal; os.kill(os.getpid(), signal.SIGTERM)",
+            -signal.SIGTERM,
+            "Training failed: the trainer was interrupted (SIGTERM); it saved a checkpoint and a retry "
+            "resumes from it. Last trainer output:\n",
+        ),
+        (
+            "print('no result')",
+            0,
+            "Training failed: the trainer exited with code 0. Last trainer output:\n"
+            "    no result\n"
+            "    (no 'trainyard_result' line was printed)",
+        ),
     ],
+    ids=["exit-3", "sigterm", "no-result-line"],
 )
-def test_a_failing_trainer_names_the_cause_and_its_last_lines(code, fragment):
+def test_a_failing_trainer_names_the_cause_and_its_last_lines(code, exit_code, message):
     with pytest.raises(TrainerFailed) as info:
         LocalTrainer(LaunchSpec(("python", "-c", code)), logging.getLogger("test.launch")).run()
-    assert fragment in str(info.value)
-    if "sys.exit(3)" in code:
-        assert info.value.exit_code == 3
-        assert "not a model directory" in str(info.value), "the trainer's own error is in the message"
+    assert info.value.exit_code == exit_code
+    assert str(info.value) == message
 
 
 def test_the_run_spec_is_one_argv_element_without_a_shell():

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.registry import alias_holder
 from trainyard.config import ResolvedPipeline, load_environment, load_pipeline
 from trainyard.pipeline_schema import Promotion
 from trainyard.promotion import PromotionRefused, decide, promote
@@ -62,9 +63,19 @@ class TestDecide:
         assert "by only 0.005 < required 0.01" in reason
 
     def test_improvement_exactly_at_margin_passes_despite_float_error(self):
-        assert 0.3 - 0.1 < 0.2  # the float trap the tolerance exists for
-        assert decide(rule(min_improvement=0.2), 0.3, 0.1)[0]
-        assert decide(rule(metric="eval_loss", min_improvement=0.2), 0.1, 0.3)[0]
+        # 0.3 - 0.1 is 0.19999999999999998 in floats: without the tolerance this gain misses 0.2.
+        ok, reason = decide(rule(min_improvement=0.2), 0.3, 0.1, champion_version="1")
+        assert ok, reason
+        assert reason == "eval_f1_macro 0.3 beats champion v1 (0.1) by 0.2 >= required 0.2"
+        ok, reason = decide(rule(metric="eval_loss", min_improvement=0.2), 0.1, 0.3, champion_version="1")
+        assert ok, reason
+        assert reason == "eval_loss 0.1 improves on champion v1 (0.3) by 0.2 >= required 0.2"
+
+    def test_the_float_tolerance_does_not_forgive_a_real_shortfall(self):
+        ok, reason = decide(rule(min_improvement=0.2), 0.2999999, 0.1, champion_version="1")
+        assert not ok
+        assert "by only 0.2 < required 0.2" in reason, "a gain of 0.1999999 misses 0.2 (6 digits shown)"
+        assert not decide(rule(metric="eval_loss", min_improvement=0.2), 0.1000001, 0.3)[0]
 
     def test_worse_rejected(self):
         ok, reason = decide(rule(), 0.80, 0.85, champion_version="2")
@@ -212,10 +223,7 @@ class Env:
         return sorted(found, key=lambda v: int(v.version))
 
     def champion(self) -> str | None:
-        try:
-            return str(self.client.get_model_version_by_alias(self.model_name, "champion").version)
-        except Exception:
-            return None
+        return alias_holder(self.client, self.model_name)
 
     def tags(self, version: str) -> dict[str, str]:
         return self.client.get_model_version(self.model_name, version).tags

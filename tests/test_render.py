@@ -100,13 +100,25 @@ def test_secrets_are_references_never_values(config_dirs):
     pod = render_pod(_pipeline(config_dirs, "prod"))
     container = _container(pod)
     assert container["envFrom"] == [{"secretRef": {"name": "trainyard-s3-credentials"}}]
-    token = next(e for e in container["env"] if e["name"] == "MLFLOW_TRACKING_TOKEN")
-    assert token == {
-        "name": "MLFLOW_TRACKING_TOKEN",
-        "valueFrom": {"secretKeyRef": {"name": "trainyard-mlflow-credentials", "key": "token"}},
-    }
-    assert all("value" in e or "valueFrom" in e for e in container["env"])
-    assert not any(e["name"].startswith("AWS_") for e in container["env"]), "credentials only via envFrom"
+    references = [e for e in container["env"] if "valueFrom" in e]
+    assert references == [
+        {
+            "name": "MLFLOW_TRACKING_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "trainyard-mlflow-credentials", "key": "token"}},
+        }
+    ]
+    literals = {e["name"]: e["value"] for e in container["env"] if "valueFrom" not in e}
+    assert literals == {
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "TRAINYARD_ENV": "prod",
+        "HF_HOME": "/cache/huggingface",
+        "TRAINYARD_SCRATCH": "/scratch",
+    }, "only these settings are literal values: no credential, no AWS_* key"
+    assert len(container["env"]) == len(references) + len(literals), "each name once"
 
 
 def test_dev_and_prod_differ_only_where_their_yaml_differs(config_dirs):

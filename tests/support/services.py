@@ -27,7 +27,8 @@ from typing import Any
 
 import requests
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.paths import ROOT
+
 VENV_BIN = Path(sys.executable).parent
 AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 #: Keys of ``/api/v2/monitor/health`` for the components started by :func:`start_airflow`.
