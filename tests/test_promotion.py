@@ -36,13 +36,13 @@ class TestDecide:
         assert ok
         assert "no champion" in reason and "0.5" in reason
 
-    def test_no_champion_but_below_min_value(self):
-        ok, reason = decide(rule(min_value=0.7), 0.69, None)
+    def test_no_champion_but_below_must_reach(self):
+        ok, reason = decide(rule(must_reach=0.7), 0.69, None)
         assert not ok
         assert "0.69" in reason and "0.7" in reason and "below" in reason
 
-    def test_min_value_is_inclusive(self):
-        assert decide(rule(min_value=0.7), 0.7, None)[0]
+    def test_must_reach_is_inclusive(self):
+        assert decide(rule(must_reach=0.7), 0.7, None)[0]
 
     def test_tie_keeps_champion(self):
         ok, reason = decide(rule(), 0.85, 0.85, champion_version="3")
@@ -88,20 +88,20 @@ class TestDecide:
         assert "improves on champion v1 (0.35) by 0.05" in reason
         assert not decide(rule(metric="eval_loss"), 0.36, 0.35)[0]
 
-    def test_min_direction_min_value_is_a_maximum(self):
-        ok, reason = decide(rule(metric="eval_loss", min_value=0.5), 0.6, None)
+    def test_min_direction_must_reach_is_a_maximum(self):
+        ok, reason = decide(rule(metric="eval_loss", must_reach=0.5), 0.6, None)
         assert not ok
         assert "above the allowed maximum 0.5" in reason
-        assert decide(rule(metric="eval_loss", min_value=0.5), 0.4, None)[0]
+        assert decide(rule(metric="eval_loss", must_reach=0.5), 0.4, None)[0]
 
-    def test_min_value_applies_even_when_better_than_champion(self):
-        assert not decide(rule(min_value=0.9), 0.85, 0.80)[0]
+    def test_must_reach_applies_even_when_better_than_champion(self):
+        assert not decide(rule(must_reach=0.9), 0.85, 0.80)[0]
 
     def test_champion_without_metric(self):
-        ok, reason = decide(rule(min_value=0.7), 0.8, None, champion_version="4", champion_has_metric=False)
+        ok, reason = decide(rule(must_reach=0.7), 0.8, None, champion_version="4", champion_has_metric=False)
         assert ok
         assert "champion v4 has no eval_f1_macro" in reason
-        ok, reason = decide(rule(min_value=0.7), 0.6, None, champion_version="4", champion_has_metric=False)
+        ok, reason = decide(rule(must_reach=0.7), 0.6, None, champion_version="4", champion_has_metric=False)
         assert not ok
 
     def test_nan_candidate_never_promoted(self):
@@ -254,7 +254,7 @@ def make_env(store):
 
 
 def test_first_model_becomes_champion(make_env):
-    env = make_env(metric="eval_f1_macro", min_value=0.7, min_improvement=0.002)
+    env = make_env(metric="eval_f1_macro", must_reach=0.7, min_improvement=0.002)
     run_id = env.log_run("manual__1", {"eval_f1_macro": 0.8, "eval_accuracy": 0.81, "eval_loss": 0.4})
 
     d = env.promote("manual__1", triggered_by="alice")
@@ -331,8 +331,8 @@ def test_a_champion_from_another_dataset_is_noted_in_the_audit(make_env):
     assert env.tags("1")["trainyard.champion_dataset_fingerprint"] == "none"
 
 
-def test_below_min_value_rejected(make_env):
-    env = make_env(min_value=0.7)
+def test_below_must_reach_rejected(make_env):
+    env = make_env(must_reach=0.7)
     env.log_run("r1", {"eval_f1_macro": 0.65})
 
     d = env.promote("r1")
@@ -357,7 +357,7 @@ def test_improvement_below_margin_rejected(make_env):
 
 
 def test_eval_loss_lower_is_better(make_env):
-    env = make_env(metric="eval_loss", min_value=0.5)
+    env = make_env(metric="eval_loss", must_reach=0.5)
     env.log_run("r1", {"eval_loss": 0.40})
     assert env.promote("r1").promoted
     env.log_run("r2", {"eval_loss": 0.45})
@@ -495,8 +495,8 @@ def test_retry_finishes_superseded_tag_after_crash(make_env):
     assert env.tags("1")["trainyard.superseded_by"] == "2"
 
 
-def test_champion_without_metric_replaced_only_past_min_value(make_env):
-    env = make_env(metric="eval_f1_macro", min_value=0.7)
+def test_champion_without_metric_replaced_only_past_must_reach(make_env):
+    env = make_env(metric="eval_f1_macro", must_reach=0.7)
     env.log_run("r1", {"eval_f1_macro": 0.9})
     env.promote("r1")
     # Simulate a champion whose run lacks the metric (e.g. registered by hand from another run).

@@ -369,7 +369,7 @@ def test_s3_data_model_and_checkpoints(tmp_path, tiny_model, splits, s3):
         s3_endpoint_url=endpoint, checkpoint_dir="s3://trainyard/checkpoints/run-1", keep_checkpoints=True
     )
     env = child_env(tmp_path, TRAINYARD_SCRATCH=str(tmp_path / "work"), **credentials)
-    del env["HF_HUB_OFFLINE"]  # it breaks non-streaming load_dataset from s3:// (DESIGN.md)
+    del env["HF_HUB_OFFLINE"]  # with it, non-streaming load_dataset cannot read s3:// (datasets 5)
     result = result_of(run_trainer(spec, env))
     assert result["metrics"]["eval_accuracy"] >= 0.8, "trained on the data and model read from S3"
 
