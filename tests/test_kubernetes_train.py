@@ -1,7 +1,7 @@
 """The real ``train`` task of the real DAG (``KubernetesTrainOperator``) against the Kubernetes emulator.
 
 Each test runs ``airflow dags test <pipeline>`` in a subprocess with ``TRAINYARD_ENV`` set to a test
-environment whose ``kubernetes:`` section points at ``tests/support/k8s_emulator.py`` (through the
+environment whose ``kubernetes:`` section points at ``tests/support/k8s_emulator/`` (through the
 ``kubernetes_default`` connection given as ``AIRFLOW_CONN_KUBERNETES_DEFAULT``). The emulator runs
 in this process and executes each pod's ``python -m trainer ...`` as a local process, so the trainer,
 its checkpoints (a local ``checkpoint_root`` stands in for S3 / a PVC) and MLflow (SQLite) are real.
@@ -129,7 +129,6 @@ class Cluster:
     emulator: KubernetesEmulator
     env: dict[str, str]
     home: Path
-    received_pods: list[dict] = field(default_factory=list)  # every POSTed pod body, refused ones too
     outputs: list[str] = field(default_factory=list)  # every `airflow dags test` output
 
     def posts(self, namespace: str) -> int:
@@ -315,15 +314,7 @@ def _cluster(tmp_path_factory, home: Path, s3_endpoint: str):
             **CREDENTIALS,  # validate_data reads the data from S3 on the Airflow side
             "MLFLOW_DISABLE_TELEMETRY": "true",
         }
-        cluster = Cluster(emulator=emulator, env=env, home=home)
-        create_pod = emulator.create_pod
-
-        def recording_create_pod(namespace: str, body: Any, dry_run: bool = False) -> dict:
-            cluster.received_pods.append(json.loads(json.dumps(body)))
-            return create_pod(namespace, body, dry_run=dry_run)
-
-        emulator.create_pod = recording_create_pod  # the HTTP handler calls it through the instance
-        yield cluster
+        yield Cluster(emulator=emulator, env=env, home=home)
 
 
 @dataclass
@@ -343,25 +334,14 @@ def preempted_run(cluster) -> PreemptedRun:
     run = cluster.start(MAIN)
     first = _running_pod(cluster, namespace, run)
     name = first["metadata"]["name"]
-    environ = _wait_until(lambda: _process_environ(cluster, namespace, name), 30, "the trainer's process")
+    environ = _wait_until(
+        lambda: cluster.emulator.process_environ(namespace, name), 30, "the trainer's process"
+    )
     checkpoints = _wait_until(cluster.checkpoints, 120, "a first checkpoint", run, interval=0.02)
     step_before = int(checkpoints[-1].parent.name.split("-")[1])
     preempted = cluster.emulator.preempt(namespace, name)
     code, output, elapsed = run.finish()
     return PreemptedRun(code, output, elapsed, preempted, step_before, environ)
-
-
-def _process_environ(cluster: Cluster, namespace: str, name: str) -> dict[str, str] | None:
-    """The environment the emulated kubelet gave the pod's process (read from /proc)."""
-    runtime = cluster.emulator._pods.get((namespace, name))  # test-only peek at the kubelet
-    run = runtime.main_run() if runtime else None
-    if run is None or run.proc is None:
-        return None
-    try:
-        raw = Path(f"/proc/{run.proc.pid}/environ").read_bytes()
-    except OSError:
-        return None
-    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
 
 
 # ------------------------------------------------------------------------------------------- tests
@@ -418,8 +398,9 @@ def test_secrets_never_appear_in_pod_specs_logs_or_mlflow(cluster, preempted_run
     assert environ["AWS_SECRET_ACCESS_KEY"] == SECRET_VALUE
     assert environ["MLFLOW_TRACKING_TOKEN"] == SECRET_VALUE
 
-    assert cluster.received_pods, "the emulator received pods"
-    for body in cluster.received_pods:
+    received = cluster.emulator.received_pods()  # every POSTed pod body, refused ones too
+    assert received, "the emulator received pods"
+    for body in received:
         assert SECRET_VALUE not in json.dumps(body)
         (container,) = body["spec"]["containers"]
         assert {"secretRef": {"name": S3_SECRET}} in container["envFrom"]
@@ -594,7 +575,7 @@ def test_a_launch_failure_is_classified_by_the_pods_current_state(cluster, monke
     namespace, name = NAMESPACES[BAD_IMAGE], "stale-copy"
     container = {"name": "base", "image": MISSING_IMAGE, "command": ["python", "-c", "pass"]}
     body = {"metadata": {"name": name}, "spec": {"restartPolicy": "Never", "containers": [container]}}
-    created = KubernetesEmulator.create_pod(cluster.emulator, namespace, body)  # not via the recorder
+    created = cluster.emulator.create_pod(namespace, body)  # directly: not among received_pods()
     assert created["status"]["phase"] == "Pending" and "containerStatuses" not in created["status"]
 
     def pulling_failed(pod: dict) -> bool:

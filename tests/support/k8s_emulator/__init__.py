@@ -1,0 +1,69 @@
+"""A strict, in-process emulator of the Kubernetes API server (and a kubelet) for tests.
+
+No cluster, Docker engine or internet exists on the development and CI machines, so the tests point
+the *real* ``KubernetesPodOperator`` (sync and deferrable modes, i.e. the ``kubernetes`` and
+``kubernetes_asyncio`` clients) at this emulator over plain HTTP through a kubeconfig::
+
+    with KubernetesEmulator() as k8s:
+        k8s.add_namespace("ml")
+        k8s.add_priority_class("trainyard-dev", 1000)
+        kubeconfig = k8s.write_kubeconfig(tmp_path / "kubeconfig")
+        ...  # KubernetesPodOperator(config_file=str(kubeconfig), in_cluster=False, namespace="ml", ...)
+
+What is real and what is emulated (modules in brackets):
+
+* **API server** [http, api, selectors]. JSON over HTTP/1.1 with bearer-token auth, real ``Status``
+  error objects, resource versions, label selectors (``=``, ``==``, ``!=``, ``key``, ``!key``, ``in``,
+  ``notin``), field selectors (a per-kind whitelist; others are 400 like the real server), watches
+  (``?watch=true``, newline-delimited events), merge / strategic-merge patches of ``metadata.labels``
+  and ``annotations`` (other fields: 422 like the real "pod updates may not change fields" rule) and
+  graceful deletion. Served: ``/version``; pods (list, watch, create, get, patch, delete, log) and
+  events (list, watch) in a namespace. Any other path is a 404 listed in ``unknown_routes``.
+* **Admission** [admission], in the real order: schema validation against the bundled Kubernetes
+  OpenAPI schema (``kubernetes_validate``, strict: unknown fields are errors) plus the semantic rules a
+  schema cannot express (names, duplicate containers, quantities, extended resources, requests <=
+  limits) -> 422 ``Invalid`` listing every field error; namespace must exist -> 404; PriorityClass must
+  exist -> 403; ResourceQuota ``must specify`` and ``exceeded quota`` -> 403 with the real messages; an
+  existing name -> 409 ``AlreadyExists``. A valid pod using something the kubelet here does not run
+  (init or ephemeral containers, a second container, volumes other than ``emptyDir`` and
+  ``persistentVolumeClaim``, ``workingDir``, env from anything but Secrets, ``generateName``) is
+  refused with a 400 naming it, so no test passes on a pod that was only half run.
+* **Kubelet** [kubelet]. The container's ``command + args`` runs as a local process (an argv list,
+  never a shell) in its own process group, with a minimal environment (``PATH`` with this venv's
+  ``bin`` first, so ``python`` is the venv's python; ``HOME``; ``LANG``) plus the pod's ``env`` and
+  ``envFrom``. Secret references are resolved from :meth:`KubernetesEmulator.add_secret` values *in
+  the process environment only* (a missing Secret or key leaves the container waiting in
+  ``CreateContainerConfigError`` until it appears, as a real kubelet does). ``$(VAR)`` references
+  are expanded like Kubernetes does. A pod it cannot start (no command, a command not on ``PATH``, a
+  PVC never added) fails with reason ``EmulatorError``.
+* **Mounts (the emulator's stand-in).** ``emptyDir`` volumes get a directory per pod,
+  ``persistentVolumeClaim`` one per (namespace, claim) that outlives pods (so a relaunched pod sees
+  the previous pod's checkpoints; see :meth:`KubernetesEmulator.add_persistent_volume_claim`).
+  Because a process cannot see ``/cache/huggingface``, any env value or command/args element that
+  equals a volumeMount's ``mountPath`` or lies under it is rewritten to the local directory (``/tmp``
+  and ``/dev/shm`` exist locally and are left alone). The working directory is a per-pod temp dir.
+* **Images** are not pulled: an image whose name contains ``does-not-exist`` waits in ``ErrImagePull``
+  and then ``ImagePullBackOff`` forever; any other image "is present".
+* **Logs** are stdout+stderr merged, one timestamp per line taken when the line is read (a process
+  that block-buffers its stdout, as Python does without a TTY, shows its lines late, as in a real
+  container); ``sinceSeconds``, ``tailLines``, ``timestamps`` and ``follow`` are served, other log
+  options are a 400.
+* **Disruptions** for tests: :meth:`~KubernetesEmulator.preempt`, :meth:`~KubernetesEmulator.evict`,
+  :meth:`~KubernetesEmulator.oom_kill`; ``activeDeadlineSeconds`` is enforced (``DeadlineExceeded``).
+  A preempted / evicted pod stays visible in phase ``Failed`` (as if a finalizer held it) so the
+  operator and the test can read its final status; a real scheduler would also delete it.
+
+Not emulated: ``exec``/``attach``/``portforward`` (so no ``do_xcom_push`` sidecar), the Eviction API
+endpoint, ``dryRun``, container restarts (every ``restartPolicy`` behaves like ``Never``), scheduling
+against node capacity, ConfigMaps, Services, and reading namespaces, PriorityClasses or
+ResourceQuotas through the API (tests create them with ``add_*``; admission enforces them).
+
+Tests observe the cluster only through :class:`KubernetesEmulator`'s public methods
+(``pods``, ``logs``, ``events``, ``requests_log``, ``received_pods``, ``admitted_pods``,
+``process_environ``, ``wait_for_pod``, ...), never through its store.
+"""
+
+from .emulator import KubernetesEmulator
+from .status import ApiError
+
+__all__ = ["ApiError", "KubernetesEmulator"]

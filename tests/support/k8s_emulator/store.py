@@ -1,0 +1,175 @@
+"""What the API server stores: cluster objects behind one lock, resource versions, the watch log.
+
+One ``RLock`` guards everything; its ``Condition`` is notified on every change, so the kubelet
+threads, watches, log follows and ``wait_for_pod`` all wake on the same signal.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import threading
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .status import not_found
+
+POLL = 0.05
+NODE_NAME = "emulator-node"
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class ContainerRun:
+    """The pod's container as the kubelet runs it: its process and its log (timestamp ns, line)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.lines: list[tuple[int, bytes]] = []
+        self.proc: subprocess.Popen | None = None
+        self.started = False
+        self.finished = False
+        self.exit_code: int | None = None
+        self.kill_reason: str | None = None  # OOMKilled, or None for Error/Completed
+
+
+class PodRuntime:
+    """A stored pod object and the kubelet's side of it."""
+
+    def __init__(self, obj: dict, root: Path):
+        self.obj = obj
+        self.root = root  # the pod's local directories: volumes, home, working directory
+        self.run = ContainerRun(obj["spec"]["containers"][0]["name"])
+        self.thread: threading.Thread | None = None
+        self.terminating = False
+        self.disruption: dict | None = None  # status reason/message applied when the process ends
+        self.gone = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.obj["metadata"]["namespace"], self.obj["metadata"]["name"]
+
+    @property
+    def running(self) -> bool:
+        return self.run.proc is not None and not self.run.finished
+
+    @property
+    def ended(self) -> bool:
+        return self.gone or self.obj["status"].get("phase") in ("Succeeded", "Failed")
+
+
+class Store:
+    """The cluster's objects; read or change them only while holding ``lock``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.stopping = threading.Event()
+        self.rv = 1
+        self.namespaces: dict[str, dict] = {}
+        self.priority_classes: dict[str, dict] = {}
+        self.quotas: dict[str, dict[str, dict[str, str]]] = {}  # namespace -> name -> hard
+        self.secrets: dict[str, dict[str, dict[str, str]]] = {}  # namespace -> name -> plain data
+        self.pvcs: dict[tuple[str, str], Path] = {}
+        self.pods: dict[tuple[str, str], PodRuntime] = {}
+        self.events: list[dict] = []
+        self.changes: list[tuple[int, str, str, dict]] = []  # (rv, resource, type, object snapshot)
+        # What tests ask about afterwards (see KubernetesEmulator's hooks).
+        self.requests: list[tuple[str, str]] = []
+        self.unknown_routes: list[tuple[str, str]] = []
+        self.received_pods: list[dict] = []
+        self.admitted_pods: list[dict] = []
+
+    def bump(self) -> str:
+        self.rv += 1
+        return str(self.rv)
+
+    def record(self, resource: str, kind: str, obj: dict) -> None:
+        """Append a watch event (ADDED, MODIFIED, DELETED) and wake every waiter."""
+        self.changes.append((self.rv, resource, kind, copy.deepcopy(obj)))
+        self.changed.notify_all()
+
+    def touch(self, runtime: PodRuntime, kind: str = "MODIFIED") -> None:
+        runtime.obj["metadata"]["resourceVersion"] = self.bump()
+        self.record("pods", kind, runtime.obj)
+
+    def runtime(self, namespace: str, name: str) -> PodRuntime:
+        runtime = self.pods.get((namespace, name))
+        if runtime is None:
+            raise not_found("pods", name)
+        return runtime
+
+    def remove(self, runtime: PodRuntime) -> None:
+        runtime.gone = True
+        if self.pods.get(runtime.key) is runtime:
+            del self.pods[runtime.key]
+        runtime.obj["metadata"]["resourceVersion"] = self.bump()
+        self.record("pods", "DELETED", runtime.obj)
+
+    def event(  # noqa: PLR0917
+        self,
+        runtime: PodRuntime,
+        reason: str,
+        message: str,
+        type_: str = "Normal",
+        container: bool = False,
+        component: str = "kubelet",
+    ) -> None:
+        """A core/v1 Event about the pod (or, with ``container``, its container), as kubelets write them."""
+        meta = runtime.obj["metadata"]
+        stamp = now()
+        kubelet = component == "kubelet"
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "name": f"{meta['name']}.{uuid.uuid4().hex[:16]}",
+                "namespace": meta["namespace"],
+                "uid": str(uuid.uuid4()),
+                "resourceVersion": self.bump(),
+                "creationTimestamp": stamp,
+            },
+            "involvedObject": {
+                "kind": "Pod",
+                "namespace": meta["namespace"],
+                "name": meta["name"],
+                "uid": meta["uid"],
+                "apiVersion": "v1",
+                "resourceVersion": meta["resourceVersion"],
+            },
+            "reason": reason,
+            "message": message,
+            "source": {"component": component, **({"host": NODE_NAME} if kubelet else {})},
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+            "type": type_,
+            "eventTime": None,
+            "reportingComponent": component,
+            "reportingInstance": NODE_NAME if kubelet else "",
+        }
+        if container:
+            event["involvedObject"]["fieldPath"] = f"spec.containers{{{runtime.run.name}}}"
+        self.events.append(event)
+        self.record("events", "ADDED", event)
+
+
+def set_condition(obj: dict, type_: str, status: str, reason: str | None = None, message: str | None = None):
+    """Set a pod condition; ``lastTransitionTime`` moves only when the status changes, as on a node."""
+    conditions = obj["status"].setdefault("conditions", [])
+    condition = next((c for c in conditions if c["type"] == type_), None)
+    if condition is None:
+        condition = {"type": type_, "status": status, "lastProbeTime": None, "lastTransitionTime": now()}
+        conditions.append(condition)
+    elif condition["status"] != status:
+        condition["lastTransitionTime"] = now()
+    condition["status"] = status
+    for key, value in (("reason", reason), ("message", message)):
+        if value is None:
+            condition.pop(key, None)
+        else:
+            condition[key] = value
