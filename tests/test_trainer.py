@@ -623,7 +623,8 @@ def test_a_failure_after_training_is_retried_without_training_again(
     spec = long_spec(tmp_path, tiny_model_64, long_splits, max_steps=13, checkpoint_every_steps=5)
     env = child_env(tmp_path)
     if storage == "s3":
-        endpoint, credentials = request.getfixturevalue("s3")
+        server = request.getfixturevalue("s3")
+        endpoint, credentials = server.endpoint, dict(CREDENTIALS)
         spec.update(s3_endpoint_url=endpoint, checkpoint_dir="s3://trainyard/checkpoints/run-1")
         env = child_env(tmp_path, TRAINYARD_SCRATCH=str(tmp_path / "pod-1"), **credentials)
     blocker = block_model_artifacts(Path(spec["mlflow"]["artifact_location"]))
