@@ -59,6 +59,16 @@ def _dags_test(
     return subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
 
 
+def _dags_test_once(env: dict[str, str], document: dict) -> subprocess.CompletedProcess[str]:
+    """``airflow dags test`` of a pipeline that exists only for this call."""
+    path = Path(env["TRAINYARD_PIPELINES_DIR"]) / f"{document['name']}.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    try:
+        return _dags_test(env, pipeline=document["name"])
+    finally:
+        path.unlink()
+
+
 def _mlflow(env: dict[str, str]):
     from mlflow.tracking import MlflowClient
 
@@ -168,12 +178,7 @@ def test_bad_data_stops_the_run_before_training(workspace):
     name = "tiny-bad-data"
     document = tiny_pipeline(name, "tiny-bert", description="Asks for more rows than the data has.")
     document["dataset"]["checks"] = {"min_rows": 100_000, "min_validation_rows": 20}
-    path = Path(workspace["TRAINYARD_PIPELINES_DIR"]) / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    try:
-        result = _dags_test(workspace, pipeline=name)
-    finally:
-        path.unlink()
+    result = _dags_test_once(workspace, document)
     output = result.stdout + result.stderr
     assert "Dataset validation failed: 1 of 17 checks failed" in output, output[-4000:]
     assert "min_rows [train]" in output and "relax dataset.checks" in output
@@ -196,12 +201,7 @@ def test_long_documents_train_log_register_and_serve(workspace):
         },
         model={"base": "tiny-bert-64", "max_length": 256},
     )
-    path = Path(workspace["TRAINYARD_PIPELINES_DIR"]) / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    try:
-        result = _dags_test(workspace, pipeline=name)
-    finally:
-        path.unlink()
+    result = _dags_test_once(workspace, document)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "truncating to 64 tokens" in output
