@@ -375,11 +375,13 @@ def _warn_deprecated(path: Path, raw: dict[str, Any], text: str) -> None:
         ((), raw),
         *((("environments", str(k)), v) for k, v in overrides.items()),
     ]
+    index: dict[Loc, int] | None = None
     for prefix, scope in scopes:
         for (section, old), new in DEPRECATED_FIELDS.items():
             if isinstance(scope, dict) and isinstance(scope.get(section), dict) and old in scope[section]:
                 loc = (*prefix, section, old)
-                line = nearest_line(line_index(text), loc)
+                index = index if index is not None else line_index(text)
+                line = nearest_line(index, loc)
                 where = f"line {line}, " if line else ""
                 warnings.warn(
                     f"{path}: {where}{'.'.join(loc)} is deprecated; rename it to {section}.{new}",

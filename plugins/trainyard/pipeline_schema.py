@@ -129,10 +129,13 @@ class Promotion(StrictModel):
     @classmethod
     def _old_name(cls, data: Any) -> Any:
         """``min_value`` read wrongly for eval_loss, where it is a maximum; it still works."""
-        if isinstance(data, dict) and "min_value" in data:
-            if "must_reach" in data:
-                raise ValueError("min_value is the old name of must_reach: set only must_reach")
-            data = {("must_reach" if k == "min_value" else k): v for k, v in data.items()}
+        if not isinstance(data, dict):
+            return data
+        for (section, old), new in DEPRECATED_FIELDS.items():
+            if section == "promotion" and old in data:
+                if new in data:
+                    raise ValueError(f"{old} is the old name of {new}: set only {new}")
+                data = {(new if k == old else k): v for k, v in data.items()}
         return data
 
     @field_validator("metric")
