@@ -5,6 +5,6 @@ The provider import lets the dag-processor import it once, before it forks a par
 
 import airflow.providers.cncf.kubernetes.operators.pod  # noqa: F401
 
-from trainyard.dag_factory import build_loader_dags
+from trainyard.dag import build_loader_dags
 
 globals().update(build_loader_dags(__file__))

@@ -25,7 +25,7 @@ COPY --chown=airflow:0 pyproject.toml README.md /opt/trainyard/
 COPY --chown=airflow:0 plugins/ /opt/trainyard/plugins/
 COPY --chown=airflow:0 trainer/ /opt/trainyard/trainer/
 RUN pip install --no-cache-dir --no-deps /opt/trainyard \
-    && python -c "import trainyard.dag_factory, trainer.spec"
+    && python -c "import trainyard.dag, trainer.spec"
 
 # DAGs and YAML baked in for deployments without git-sync (git-sync mounts over this folder).
 COPY --chown=airflow:0 dags/ /opt/airflow/dags/

@@ -2,7 +2,7 @@
 # Trainer image: what every training pod runs (`python -m trainer --spec '<RunSpec JSON>'`).
 #   docker build -f docker/trainer.Dockerfile -t ghcr.io/trainyard/trainer:0.1.0 .
 # Build context: the repository root (docker/trainer.Dockerfile.dockerignore keeps it small).
-# The tag must equal kubernetes.image in dags/environments/{dev,prod}.yaml (tests/test_deploy.py).
+# The tag must equal kubernetes.image in dags/environments/{dev,prod}.yaml (tests/deploy/test_deploy.py).
 
 # NVIDIA's PyTorch image: CUDA, cuDNN, NCCL and a torch build tuned for them (Python 3.12).
 FROM nvcr.io/nvidia/pytorch:25.04-py3
@@ -10,7 +10,7 @@ FROM nvcr.io/nvidia/pytorch:25.04-py3
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # HF_HOME, TRAINYARD_SCRATCH and /tmp are emptyDir mounts in the pod (the root filesystem is
-# read-only there), see plugins/trainyard/kubernetes_train.py; the same paths exist here so the
+# read-only there), see plugins/trainyard/train/pod_operator.py; the same paths exist here so the
 # image also works under plain `docker run`.
 # DL3064 matches "TOKEN" in TOKENIZERS_PARALLELISM, a tokenizer switch, not a credential.
 # hadolint ignore=DL3064

@@ -8,11 +8,16 @@ ways: a hand-edited or stale XCom fails with a fix, never with a KeyError deep i
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from airflow.sdk import BaseOperator, Context
+from airflow.sdk.exceptions import AirflowFailException
 from pydantic import Field, ValidationError
 
 from trainer.spec import FINGERPRINT_PATTERN, Hyperparameters, StrictModel
+
+if TYPE_CHECKING:
+    from trainyard.config.loading import ResolvedPipeline
 
 VALIDATE_TASK = "validate_data"
 TRAIN_TASK = "train"
@@ -54,3 +59,21 @@ class Approval(StrictModel):
         """The approval of this DAG run, read from ``validate_data``'s XCom."""
         value = context["ti"].xcom_pull(task_ids=VALIDATE_TASK)
         return cls.from_xcom(value, context["dag_run"].run_id)
+
+
+class PipelineOperator(BaseOperator):
+    """The base of the three stage operators: each runs one stage of one resolved pipeline."""
+
+    ui_color = "#f0f0f0"
+
+    def __init__(self, *, pipeline: ResolvedPipeline, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pipeline = pipeline
+
+    @staticmethod
+    def approval(context: Context) -> Approval:
+        """This run's approval; a missing or forged one fails the task without retries, with the fix."""
+        try:
+            return Approval.pull(context)
+        except HandoffMissing as exc:
+            raise AirflowFailException(str(exc)) from None

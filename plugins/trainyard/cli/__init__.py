@@ -1,0 +1,1 @@
+"""The ``trainyard`` command: lint, render, prepare-demo, summary."""

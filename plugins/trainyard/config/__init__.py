@@ -1,0 +1,1 @@
+"""YAML -> ResolvedPipeline: the environment and pipeline files, validated. No Airflow imports."""

@@ -1,0 +1,437 @@
+"""Load pipeline and environment YAML into one typed, resolved pipeline per (file, environment)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from trainer.spec import DataSpec, Hyperparameters, MlflowSpec, RunIdentity, RunSpec
+from trainyard import paths
+from trainyard.config.environment_schema import EnvironmentConfig
+from trainyard.config.errors import ConfigError, Loc, Problem, problems_from_validation, suggest_key
+from trainyard.config.parse_cache import ParseCache
+from trainyard.config.pipeline_schema import DEPRECATED_FIELDS, PipelineConfig
+from trainyard.config.yaml_source import line_index, nearest_line, read_mapping
+
+log = logging.getLogger(__name__)
+#: Upper bound for the JSON run spec, which travels as one argv element.
+MAX_SPEC_BYTES = 64 * 1024
+ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: Fields an environment override may not touch: they define which DAG this is.
+NOT_OVERRIDABLE_PER_ENV = ("name", "environments")
+
+
+def _locator(text: str, prefix: Loc = ()) -> Any:
+    index: dict[Loc, int] | None = None
+
+    def locate(loc: Loc) -> tuple[Loc, int | None]:
+        nonlocal index
+        if index is None:
+            index = line_index(text)
+        full = (*prefix, *loc)
+        return full, nearest_line(index, full)
+
+    return locate
+
+
+# --------------------------------------------------------------------------- environments
+
+
+def _expand_env_vars(value: Any, path: Path, loc: Loc = ()) -> Any:
+    """Expand ${VAR} in string values; TRAINYARD_HOME defaults to the project's state directory."""
+    if isinstance(value, dict):
+        return {k: _expand_env_vars(v, path, (*loc, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env_vars(v, path, (*loc, i)) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name == "TRAINYARD_HOME":
+            return str(paths.trainyard_home())
+        if name not in os.environ:
+            raise ConfigError(
+                path,
+                [
+                    Problem(
+                        ".".join(map(str, loc)),
+                        f"environment variable ${{{name}}} is not set",
+                        None,
+                        f"export {name}=... before starting Airflow",
+                    )
+                ],
+            )
+        return os.environ[name]
+
+    return ENV_VAR.sub(substitute, value)
+
+
+def available_environments(environments_dir: Path | None = None) -> list[str]:
+    directory = environments_dir or paths.environments_dir()
+    return sorted(p.stem for p in directory.glob("*.yaml"))
+
+
+def load_environment(name: str | None = None, environments_dir: Path | None = None) -> EnvironmentConfig:
+    name = name or paths.environment_name()
+    directory = environments_dir or paths.environments_dir()
+    path = directory / f"{name}.yaml"
+    if not path.exists():
+        known = available_environments(directory)
+        raise ConfigError(
+            path,
+            [Problem("", f"unknown environment '{name}' (TRAINYARD_ENV)", None, suggest_key(name, known))],
+        )
+    raw, text = read_mapping(path)
+    raw = _expand_env_vars(raw, path)
+    raw.setdefault("name", name)
+    try:
+        env = EnvironmentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(path, problems_from_validation(exc, EnvironmentConfig, _locator(text))) from None
+    if env.name != name:
+        raise ConfigError(path, [Problem("name", f"'{env.name}' does not match the file name '{name}.yaml'")])
+    return env
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _has_path(data: Any, loc: Loc) -> bool:
+    for part in loc:
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def join_uri(root: str, location: str) -> str:
+    """Resolve a pipeline location against an environment root (absolute ones stay as written)."""
+    if "://" in location or location.startswith("/"):
+        return location.removeprefix("file://")
+    relative = location.removeprefix("./")
+    if root.startswith("s3://"):
+        return f"{root.rstrip('/')}/{relative}"
+    return str(Path(root) / relative)
+
+
+@dataclass(frozen=True)
+class ResolvedPipeline:
+    """A pipeline as it runs in one environment: overrides applied, locations absolute."""
+
+    config: PipelineConfig
+    environment: EnvironmentConfig
+    source: Path
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def schedule(self) -> str | None:
+        return self.config.schedule if self.environment.airflow.schedules_enabled else None
+
+    def _naming(self, template: str) -> str:
+        return template.format(pipeline=self.name, environment=self.environment.name, team=self.config.team)
+
+    @property
+    def experiment_name(self) -> str:
+        return self._naming(self.environment.mlflow.experiment_name)
+
+    @property
+    def registered_model_name(self) -> str:
+        return self._naming(self.environment.mlflow.registered_model_name)
+
+    @cached_property
+    def data_spec(self) -> DataSpec:
+        ds = self.config.dataset
+        root = self.environment.storage.data_root
+        return DataSpec(
+            train_uri=join_uri(root, ds.train),
+            validation_uri=join_uri(root, ds.validation),
+            format=ds.resolved_format,
+            text_column=ds.text_column,
+            label_column=ds.label_column,
+            label_names=ds.label_names,
+        )
+
+    @property
+    def model_base(self) -> str:
+        base = self.config.model.base
+        return base if base.startswith("hf://") else join_uri(self.environment.storage.models_root, base)
+
+    def checkpoint_dir(self, run_id: str, inputs: str) -> str:
+        """<root>/<pipeline>/<run>/<inputs>: a relaunch resumes only the same run on the same inputs.
+
+        ``inputs`` identifies the data and settings (see ``RunSpec``); when a cleared run trains on
+        changed data or hyperparameters it starts afresh instead of resuming weights from other inputs.
+        The run id keeps a short hash so that ids differing only in odd characters never collide.
+        """
+        safe_run = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id)[:80]
+        run_hash = hashlib.sha256(run_id.encode()).hexdigest()[:8]
+        return join_uri(
+            self.environment.storage.checkpoint_root, f"{self.name}/{safe_run}-{run_hash}/{inputs}"
+        )
+
+    def run_spec(
+        self,
+        *,
+        run_id: str,
+        try_number: int,
+        hyperparameters: Hyperparameters,
+        dataset_fingerprint: str,
+        validation_report: dict[str, Any] | None = None,
+    ) -> RunSpec:
+        env = self.environment
+        model = self.config.model.model_copy(update={"base": self.model_base})
+        inputs = hashlib.sha256(
+            "\n".join(
+                [dataset_fingerprint, model.model_dump_json(), hyperparameters.model_dump_json()]
+            ).encode()
+        ).hexdigest()[:12]
+        spec = RunSpec(
+            identity=RunIdentity(
+                pipeline=self.name,
+                environment=env.name,
+                dag_id=self.name,
+                run_id=run_id,
+                try_number=try_number,
+            ),
+            data=self.data_spec,
+            dataset_fingerprint=dataset_fingerprint,
+            model=model,
+            hyperparameters=hyperparameters,
+            mlflow=MlflowSpec(
+                tracking_uri=env.mlflow.tracking_uri,
+                experiment_name=self.experiment_name,
+                artifact_location=env.mlflow.artifact_location,
+            ),
+            checkpoint_dir=self.checkpoint_dir(run_id, inputs),
+            s3_endpoint_url=env.storage.s3_endpoint_url,
+            keep_checkpoints=env.storage.keep_checkpoints,
+            validation_report=validation_report,
+        )
+        if len(spec.model_dump_json()) > MAX_SPEC_BYTES:
+            # The spec is one argv element (Linux caps one at 128 KiB); the report stays in the task log.
+            log.warning("Validation report too large for the run spec: not sent to the trainer")
+            spec = spec.model_copy(update={"validation_report": None})
+        return spec
+
+
+def environment_limits(config: PipelineConfig, environment: EnvironmentConfig) -> list[tuple[Loc, str, str]]:
+    """(field path, problem, fix) where the pipeline asks for more than the environment allows."""
+    k8s = environment.kubernetes
+    if k8s is None:
+        return []
+    from kubernetes.utils.quantity import parse_quantity
+
+    found: list[tuple[Loc, str, str]] = []
+    res = config.resources
+    if res.gpus > k8s.caps.gpus:
+        found.append(
+            (
+                ("resources", "gpus"),
+                f"{res.gpus} GPUs exceed the cap of {k8s.caps.gpus} in '{environment.name}'",
+                f"ask for at most {k8s.caps.gpus} or ask the platform team to raise caps.gpus",
+            )
+        )
+    for field in ("cpu", "memory", "shm_size"):
+        wanted, cap = getattr(res, field), getattr(k8s.caps, field)
+        if parse_quantity(wanted) > parse_quantity(cap):
+            found.append(
+                (
+                    ("resources", field),
+                    f"{wanted} exceeds the cap of {cap} in '{environment.name}'",
+                    f"ask for at most {cap}",
+                )
+            )
+    # Pods cannot see the Airflow worker's disk: data and base models must be in object storage.
+    storage = environment.storage
+    for loc, root, value in (
+        (("dataset", "train"), storage.data_root, config.dataset.train),
+        (("dataset", "validation"), storage.data_root, config.dataset.validation),
+        (("model", "base"), storage.models_root, config.model.base),
+    ):
+        if value.startswith("hf://"):
+            continue
+        resolved = join_uri(root, value)
+        if not resolved.startswith("s3://"):
+            found.append(
+                (
+                    loc,
+                    f"'{resolved}' is a local path, which pods in '{environment.name}' cannot read",
+                    "use an s3:// URI or a path relative to the environment's s3:// root",
+                )
+            )
+    if res.gpu_type is not None and res.gpu_type not in k8s.gpu_node_selectors:
+        known = list(k8s.gpu_node_selectors)
+        found.append(
+            (
+                ("resources", "gpu_type"),
+                f"unknown GPU type '{res.gpu_type}' in '{environment.name}'",
+                suggest_key(res.gpu_type, known) or "this environment maps no GPU types",
+            )
+        )
+    return found
+
+
+def load_pipeline(
+    path: Path,
+    environment: EnvironmentConfig,
+    known_environments: list[str],
+    cache: ParseCache | None = None,
+) -> ResolvedPipeline:
+    raw, text = read_mapping(path, environment.pipeline_files, cache)
+    overrides = raw.get("environments") or {}
+    problems: list[Problem] = []
+    if isinstance(overrides, dict):
+        for env_name, override in overrides.items():
+            loc: Loc = ("environments", str(env_name))
+            if env_name not in known_environments:
+                line = nearest_line(line_index(text), loc)
+                problems.append(
+                    Problem(
+                        ".".join(loc),
+                        "no such environment",
+                        line,
+                        suggest_key(str(env_name), known_environments),
+                    )
+                )
+            elif not isinstance(override, dict):
+                problems.append(Problem(".".join(loc), "must be a mapping of fields to override"))
+            else:
+                for key in NOT_OVERRIDABLE_PER_ENV:
+                    if key in override:
+                        line = nearest_line(line_index(text), (*loc, key))
+                        problems.append(
+                            Problem(f"{'.'.join(loc)}.{key}", "cannot differ per environment", line)
+                        )
+    if problems:
+        raise ConfigError(path, problems)
+
+    override = overrides.get(environment.name, {}) if isinstance(overrides, dict) else {}
+    merged = _deep_merge(raw, override)
+    base_locate = _locator(text)
+    override_locate = _locator(text, ("environments", environment.name))
+
+    def locate(loc: Loc) -> tuple[Loc, int | None]:
+        return override_locate(loc) if _has_path(override, loc) else base_locate(loc)
+
+    try:
+        config = PipelineConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(path, problems_from_validation(exc, PipelineConfig, locate)) from None
+    problems = [
+        Problem(".".join(map(str, rep)), message, line, hint)
+        for loc, message, hint in environment_limits(config, environment)
+        for rep, line in [locate(loc)]
+    ]
+    if problems:
+        raise ConfigError(path, problems)
+    _warn_deprecated(path, raw, text)
+    if config.name != path.stem:
+        raise ConfigError(
+            path,
+            [
+                Problem(
+                    "name",
+                    f"'{config.name}' does not match the file name",
+                    base_locate(("name",))[1],
+                    f"rename the file to {config.name}.yaml or set name: {path.stem}",
+                )
+            ],
+        )
+    return ResolvedPipeline(config=config, environment=environment, source=path)
+
+
+class DeprecatedFieldWarning(UserWarning):
+    """An old field name that still works; the DAG processor shows it with the file."""
+
+
+def _warn_deprecated(path: Path, raw: dict[str, Any], text: str) -> None:
+    overrides = raw.get("environments") if isinstance(raw.get("environments"), dict) else {}
+    scopes: list[tuple[Loc, Any]] = [
+        ((), raw),
+        *((("environments", str(k)), v) for k, v in overrides.items()),
+    ]
+    index: dict[Loc, int] | None = None
+    for prefix, scope in scopes:
+        for (section, old), new in DEPRECATED_FIELDS.items():
+            if isinstance(scope, dict) and isinstance(scope.get(section), dict) and old in scope[section]:
+                loc = (*prefix, section, old)
+                index = index if index is not None else line_index(text)
+                line = nearest_line(index, loc)
+                where = f"line {line}, " if line else ""
+                warnings.warn(
+                    f"{path}: {where}{'.'.join(loc)} is deprecated; rename it to {section}.{new}",
+                    DeprecatedFieldWarning,
+                    stacklevel=2,
+                )
+
+
+def pipeline_files(pipelines_dir: Path | None = None) -> list[Path]:
+    directory = pipelines_dir or paths.pipelines_dir()
+    return sorted(directory.glob("*.yaml"))
+
+
+def load_pipelines(
+    environment: EnvironmentConfig,
+    pipelines_dir: Path | None = None,
+    environments_dir: Path | None = None,
+    select: Callable[[Path], bool] | None = None,
+    cache: ParseCache | None = None,
+) -> tuple[list[ResolvedPipeline], list[ConfigError]]:
+    """Every pipeline that loads, and every file that does not: a bad file never hides the good ones.
+
+    ``select`` picks files by path before any is read (a loader file builds only its slice);
+    ``cache`` skips parsing files whose text was parsed before (validation always runs).
+    """
+    known = available_environments(environments_dir)
+    good: list[ResolvedPipeline] = []
+    errors: list[ConfigError] = []
+    for path in pipeline_files(pipelines_dir):
+        if select is not None and not select(path):
+            continue
+        try:
+            good.append(load_pipeline(path, environment, known, cache))
+        except ConfigError as exc:
+            errors.append(exc)
+    if cache is not None:
+        cache.save()
+    return good, errors
+
+
+def iter_lint(
+    pipelines_dir: Path | None = None, environments_dir: Path | None = None
+) -> Iterator[tuple[str, ConfigError]]:
+    """(environment, error) for every problem across all environments; used by ``trainyard lint``."""
+    for env_name in available_environments(environments_dir):
+        try:
+            env = load_environment(env_name, environments_dir)
+        except ConfigError as exc:
+            yield env_name, exc
+            continue
+        _, errors = load_pipelines(env, pipelines_dir, environments_dir)
+        for error in errors:
+            yield env_name, error

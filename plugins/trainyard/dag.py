@@ -1,0 +1,186 @@
+"""One Airflow DAG per pipeline YAML, for the environment named by TRAINYARD_ENV.
+
+A pipeline file that fails to load never hides the others: it becomes a paused placeholder DAG
+whose docs and only task carry the error, so the owner sees it in the Airflow UI, and the error
+is also emitted as a warning (kept by the DAG processor with the file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import DAG, BaseOperator, Context, Param
+from airflow.sdk.exceptions import AirflowFailException
+
+from trainyard import paths
+from trainyard.config.environment_schema import EnvironmentConfig
+from trainyard.config.errors import ConfigError
+from trainyard.config.loading import ResolvedPipeline, load_environment, load_pipelines
+from trainyard.config.parse_cache import ParseCache, default_cache_dir
+from trainyard.handoff import PROMOTE_TASK, TRAIN_TASK, VALIDATE_TASK
+from trainyard.loader_files import Shard, shard_of_loader
+from trainyard.promote.operator import PromoteOperator
+from trainyard.train.local import LocalTrainOperator
+from trainyard.validate.operator import ValidateDataOperator
+from trainyard.validate.trigger_conf import PARAM_SCHEMA_DIALECT, param_schemas
+
+START_DATE = datetime(2024, 1, 1, tzinfo=UTC)
+INVALID_TAG = "trainyard:invalid"
+
+
+class TrainyardConfigWarning(UserWarning):
+    """A pipeline file that could not be loaded; its DAG is replaced by a placeholder."""
+
+
+class ConfigErrorOperator(BaseOperator):
+    """The only task of a placeholder DAG: fails with the configuration error."""
+
+    ui_color = "#fde8e8"
+
+    def __init__(self, *, message: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.message = message
+
+    def execute(self, context: Context) -> None:
+        raise AirflowFailException(self.message)
+
+
+def _doc_md(pipeline: ResolvedPipeline) -> str:
+    cfg = pipeline.config
+    data = pipeline.data_spec
+    rule = cfg.promotion
+    hp = cfg.training.model_dump()
+    overridable = ", ".join(f"`{name}`" for name in cfg.overridable) or "none"
+    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in hp.items())
+    bound = "at least" if rule.direction == "max" else "at most"
+    threshold = f", {bound} {rule.must_reach}" if rule.must_reach is not None else ""
+    return f"""### {cfg.name}
+
+{cfg.description}
+
+* **Owner:** {cfg.owner} (team `{cfg.team}`) · **environment:** `{pipeline.environment.name}`
+  · **schedule:** `{pipeline.schedule}` · **source:** `{pipeline.source.name}`
+* **Data:** `{data.train_uri}` / `{data.validation_uri}` ({data.format}; text `{data.text_column}`,
+  label `{data.label_column}`: {", ".join(data.label_names)})
+* **Model:** `{pipeline.model_base}` (max {cfg.model.max_length} tokens)
+* **Promotion:** `{rule.metric}` ({rule.direction}imise){threshold}, beating the champion by
+  at least {rule.min_improvement}; alias `{rule.alias}` on `{pipeline.registered_model_name}`
+* **Overridable at trigger time:** {overridable}
+
+| hyperparameter | value |
+| --- | --- |
+{rows}
+"""
+
+
+def build_dag(pipeline: ResolvedPipeline) -> DAG:
+    cfg = pipeline.config
+    airflow = pipeline.environment.airflow
+    params = {
+        name: Param(**schema, **{"$schema": PARAM_SCHEMA_DIALECT})
+        for name, schema in param_schemas(pipeline).items()
+    }
+    dag = DAG(
+        dag_id=cfg.name,
+        description=(cfg.description or f"Trainyard pipeline {cfg.name}")[:200],
+        schedule=pipeline.schedule,
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=1,
+        tags=["trainyard", f"team:{cfg.team}", f"env:{pipeline.environment.name}"],
+        doc_md=_doc_md(pipeline),
+        default_args={
+            "owner": cfg.owner,
+            "retries": airflow.retries,
+            "retry_delay": timedelta(minutes=airflow.retry_delay_minutes),
+            # A hung S3 or MLflow call must not hold the DAG's only active run forever.
+            "execution_timeout": timedelta(minutes=airflow.task_timeout_minutes),
+        },
+    )
+    with dag:
+        validate = ValidateDataOperator(task_id=VALIDATE_TASK, pipeline=pipeline)
+        train = _train_operator(pipeline)
+        promote = PromoteOperator(task_id=PROMOTE_TASK, pipeline=pipeline)
+        validate >> train >> promote
+    # Set after the tasks exist: Airflow deep-copies a DAG's params into each operator once per
+    # __init__ in its class hierarchy (seven copies here), which tasks never need, because the task
+    # runner merges dag.params into the context itself (airflow.sdk.definitions.param.process_params).
+    # Assigning them runs the same conversion and validation as the constructor, once.
+    dag.params = params
+    return dag
+
+
+def _train_operator(pipeline: ResolvedPipeline) -> BaseOperator:
+    timeout = timedelta(minutes=pipeline.environment.airflow.execution_timeout_minutes)
+    if pipeline.environment.launcher == "local":
+        return LocalTrainOperator(task_id=TRAIN_TASK, pipeline=pipeline, execution_timeout=timeout)
+    from trainyard.train.pod_operator import KubernetesTrainOperator
+
+    return KubernetesTrainOperator(task_id=TRAIN_TASK, pipeline=pipeline, execution_timeout=timeout)
+
+
+def placeholder_dag_id(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem) or "unnamed"
+
+
+def build_error_dag(error: ConfigError, environment: EnvironmentConfig) -> DAG:
+    message = f"This pipeline file could not be loaded and will not run until it is fixed.\n\n{error}"
+    dag = DAG(
+        dag_id=placeholder_dag_id(error.file),
+        description=f"INVALID: {error.file.name}: {error.problems[0].render() if error.problems else ''}"[
+            :200
+        ],
+        schedule=None,
+        start_date=START_DATE,
+        catchup=False,
+        is_paused_upon_creation=True,
+        tags=["trainyard", INVALID_TAG, f"env:{environment.name}"],
+        doc_md=f"### Invalid pipeline file `{error.file.name}`\n\n```\n{error}\n```\n\n"
+        "Run `trainyard lint` to check every pipeline against every environment.",
+    )
+    with dag:
+        ConfigErrorOperator(task_id="config_error", message=message)
+    return dag
+
+
+def build_dags(
+    dags_folder: Path | None = None, environment: str | None = None, shard: Shard | None = None
+) -> dict[str, DAG]:
+    """{dag_id: DAG} for every pipeline file (of ``shard``); broken files become placeholders."""
+    pipelines_dir = paths.pipelines_dir(dags_folder)
+    environments_dir = paths.environments_dir(dags_folder)
+    env = load_environment(environment, environments_dir)  # a broken environment is an import error
+    good, errors = load_pipelines(
+        env,
+        pipelines_dir,
+        environments_dir,
+        select=shard.holds if shard is not None else None,
+        cache=_parse_cache(pipelines_dir, shard),
+    )
+    dags: dict[str, DAG] = {}
+    for pipeline in good:
+        dags[pipeline.name] = build_dag(pipeline)
+    for error in errors:
+        warnings.warn(str(error), TrainyardConfigWarning, stacklevel=2)
+        dag_id = placeholder_dag_id(error.file)
+        if dag_id not in dags:
+            dags[dag_id] = build_error_dag(error, env)
+    return dags
+
+
+def _parse_cache(pipelines_dir: Path, shard: Shard | None) -> ParseCache:
+    """One cache file per (pipelines folder, slice): each loader file keeps only its own entries."""
+    folder = hashlib.sha256(str(pipelines_dir.resolve()).encode()).hexdigest()[:12]
+    part = f"{shard.index}-of-{shard.count}" if shard is not None else "all"
+    return ParseCache(default_cache_dir() / f"pipelines-{folder}-{part}.json")
+
+
+def build_loader_dags(loader_file: str) -> dict[str, DAG]:
+    """The DAGs of the pipelines that hash to this loader file (see trainyard.loader_files)."""
+    path = Path(loader_file)
+    return build_dags(path.parent, shard=shard_of_loader(path))

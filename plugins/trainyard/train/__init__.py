@@ -1,0 +1,1 @@
+"""The ``train`` stage: the run spec, the local trainer process and the Kubernetes pod."""

