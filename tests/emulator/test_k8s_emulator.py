@@ -414,7 +414,7 @@ def test_logs_follow_tail_and_eviction(k8s, api):
     assert b"".join(stream.stream()) == b"line 0\nline 1\nline 2\n"  # follow ends with the process
     pod = _wait_phase(k8s, "logger", "Failed")
     assert pod["status"]["reason"] == "Evicted"
-    assert {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}.items() <= next(
+    assert {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}.items() <= next(
         c for c in pod["status"]["conditions"] if c["type"] == "DisruptionTarget"
     ).items()
 

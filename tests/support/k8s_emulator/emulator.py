@@ -249,6 +249,36 @@ class KubernetesEmulator:
                     raise TimeoutError(f"no pod in {namespace!r} matched within {timeout}s")
                 store.changed.wait(min(remaining, POLL * 4))
 
+    # ------------------------------------------------------------------------ how the cluster behaves
+
+    def hold_scheduling(self) -> None:
+        """No free GPU from now on: new pods stay Pending (``Unschedulable``) until released."""
+        with self._store.lock:
+            self._store.scheduling_held = True
+
+    def release_scheduling(self) -> None:
+        with self._store.lock:
+            self._store.scheduling_held = False
+            self._store.changed.notify_all()
+
+    def set_deleted_pod_linger(self, seconds: float) -> None:
+        """How long a deleted pod stays readable after its process ended (default 1 s; 0: at once)."""
+        with self._store.lock:
+            self._store.deleted_pod_linger = seconds
+
+    def lose_create_responses(self, count: int = 1) -> None:
+        """Admit the next ``count`` pod creations but answer each 504 Timeout, as if the reply was lost."""
+        with self._store.lock:
+            self._store.lose_create_responses = count
+
+    def container_runs(self) -> list[dict]:
+        """Every container process so far: pod ``uid``, ``name``, ``labels``, monotonic start and end.
+
+        ``started`` and ``ended`` (None while running) let a test prove two processes never overlapped.
+        """
+        with self._store.lock:
+            return copy.deepcopy(self._store.container_runs)
+
     # ---------------------------------------------------------------------------- what tests do to pods
 
     def create_pod(self, namespace: str, body: dict) -> dict:
@@ -258,34 +288,76 @@ class KubernetesEmulator:
     def delete_pod(self, namespace: str, name: str, grace: float | None = None) -> dict:
         return self._api.delete_pod(namespace, name, grace)
 
-    def preempt(self, namespace: str, name: str, grace_seconds: float | None = None) -> dict:
-        """Preempt a running pod like the scheduler: DisruptionTarget, SIGTERM, grace period, SIGKILL, Failed.
+    def preempt(
+        self, namespace: str, name: str, grace_seconds: float | None = None, delete: bool = False
+    ) -> dict:
+        """Preempt a running pod as kube-scheduler does: DisruptionTarget, then a graceful DELETE.
 
-        Waits for the end and returns the pod's final state; it stays visible (as if a finalizer held
-        it) so the operator can read why it ended.
+        The pod is SIGTERMed, SIGKILLed after the grace period, and removed once its process has ended
+        (after the linger, see :meth:`set_deleted_pod_linger`). Returns its last state.
         """
         return self._disrupt(
             namespace,
             name,
             grace_seconds,
             condition=(
+                "DisruptionTarget",
                 "PreemptionByScheduler",
-                "default-scheduler: preempting to accommodate a higher priority pod",
+                "preempting to accommodate a higher priority pod",
             ),
             event=("Preempted", f"Preempted by pod {uuid.uuid4()} on node {NODE_NAME}", "Normal"),
-            status={"reason": None, "message": "Preempted in order to admit critical pod"},
+            delete=delete,
         )
 
-    def evict(self, namespace: str, name: str, grace_seconds: float | None = None) -> dict:
-        """Evict a running pod as the Eviction API does: like :meth:`preempt`, with reason ``Evicted``."""
+    def drain(self, namespace: str, name: str, grace_seconds: float | None = None) -> dict:
+        """``kubectl drain`` (the Eviction API): DisruptionTarget ``EvictionByEvictionAPI``, then DELETE."""
         return self._disrupt(
             namespace,
             name,
             grace_seconds,
-            condition=("EvictionByEvictionAPI", "Eviction API: evicting"),
+            condition=("DisruptionTarget", "EvictionByEvictionAPI", "Eviction API: evicting"),
             event=("Evicted", "Evicted by the Eviction API", "Warning"),
-            status={"reason": "Evicted", "message": "The pod was evicted through the Eviction API"},
+            delete=True,
         )
+
+    def kueue_stop(
+        self,
+        namespace: str,
+        name: str,
+        reason: str = "WorkloadEvictedDueToPreempted",
+        grace_seconds: float | None = None,
+    ) -> dict:
+        """Kueue stopping a pod's Workload: condition ``TerminationTarget`` (its stop reason), then DELETE."""
+        return self._disrupt(
+            namespace,
+            name,
+            grace_seconds,
+            condition=("TerminationTarget", reason, "Preempted to accommodate a workload of higher priority"),
+            event=("Stopped", f"Stopped by Kueue: {reason}", "Normal"),
+            delete=True,
+        )
+
+    def evict(
+        self, namespace: str, name: str, grace_seconds: float | None = None, resource: str = "memory"
+    ) -> dict:
+        """Node-pressure eviction by the kubelet: the pod object stays, Failed with reason ``Evicted``."""
+        message = f"The node was low on resource: {resource}. "
+        return self._disrupt(
+            namespace,
+            name,
+            grace_seconds,
+            condition=("DisruptionTarget", "TerminationByKubelet", message),
+            event=("Evicted", message, "Warning"),
+            status={"reason": "Evicted", "message": message},
+        )
+
+    def vanish(self, namespace: str, name: str) -> None:
+        """Force-delete a pod (grace 0, as a node that is lost): gone now, its process killed."""
+        with self._store.lock:
+            runtime = self._store.runtime(namespace, name)
+            self._store.remove(runtime)
+            proc = runtime.run.proc
+        kill_group(proc, signal.SIGKILL)
 
     def oom_kill(self, namespace: str, name: str) -> dict:
         """SIGKILL the pod's process as the kernel OOM killer would: terminated OOMKilled, exit 137."""
@@ -302,18 +374,24 @@ class KubernetesEmulator:
         namespace: str,
         name: str,
         grace_seconds: float | None,
-        condition: tuple[str, str],
+        condition: tuple[str, str, str],
         event: tuple[str, str, str],
-        status: dict,
+        status: dict | None = None,
+        delete: bool = False,
     ) -> dict:
+        """Mark the pod (a condition and an event), then stop it: by DELETE, or in place with ``status``."""
         with self._store.lock:
             runtime = self._kubelet.running_pod(namespace, name)
-            runtime.disruption = status
-            set_condition(runtime.obj, "DisruptionTarget", "True", *condition)
+            runtime.disruption = status or {"reason": None, "message": condition[2]}
+            set_condition(runtime.obj, condition[0], "True", condition[1], condition[2])
             self._store.event(runtime, *event)
             self._store.touch(runtime)
             grace = runtime.obj["spec"].get("terminationGracePeriodSeconds", 30)
-        self._kubelet.terminate_later(runtime, grace if grace_seconds is None else grace_seconds)
+        grace = grace if grace_seconds is None else grace_seconds
+        if delete:
+            self._api.delete_pod(namespace, name, grace)
+        else:
+            self._kubelet.terminate_later(runtime, grace)
         return self._await_end(runtime)
 
     def _await_end(self, runtime: PodRuntime) -> dict:

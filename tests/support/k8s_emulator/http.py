@@ -161,9 +161,20 @@ def _list(resource: str) -> Callable[..., None]:
 
 def _create_pod(h: Handler, query: dict[str, str], namespace: str) -> None:
     body = h.body()
-    with h.api.store.lock:
-        h.api.store.received_pods.append(copy.deepcopy(body))
-    h.send_json(201, h.api.create_pod(namespace, body))
+    store = h.api.store
+    with store.lock:
+        store.received_pods.append(copy.deepcopy(body))
+    created = h.api.create_pod(namespace, body)
+    with store.lock:
+        lose = store.lose_create_responses > 0
+        store.lose_create_responses -= lose
+    if lose:  # the pod exists; the client is told the server timed out, as an overloaded one does
+        message = (
+            "the server was unable to return a response in the time allotted, but may still be "
+            "processing the request (post pods)"
+        )
+        raise ApiError(504, message)
+    h.send_json(201, created)
 
 
 def _get_pod(h: Handler, query: dict[str, str], namespace: str, name: str) -> None:

@@ -81,6 +81,10 @@ class Kubelet:
         store, pod = self.store, runtime.obj
         meta = pod["metadata"]
         with store.lock:
+            if store.scheduling_held:
+                self._unschedulable(runtime)
+            while store.scheduling_held and not (runtime.gone or store.stopping.is_set()):
+                store.changed.wait(POLL * 4)
             if runtime.gone or store.stopping.is_set():
                 return False
             pod["spec"]["nodeName"] = NODE_NAME
@@ -118,6 +122,20 @@ class Kubelet:
             ]
             store.touch(runtime)
         return True
+
+    def _unschedulable(self, runtime: PodRuntime) -> None:
+        """What kube-scheduler reports for a pod no node can take: PodScheduled False, FailedScheduling."""
+        resource = "nvidia.com/gpu"
+        requests = runtime.obj["spec"]["containers"][0].get("resources", {}).get("requests", {})
+        if resource not in requests:
+            resource = "cpu"
+        message = (
+            f"0/1 nodes are available: 1 Insufficient {resource}. preemption: 0/1 nodes are available: "
+            "1 No preemption victims found for incoming pod."
+        )
+        set_condition(runtime.obj, "PodScheduled", "False", "Unschedulable", message)
+        self.store.event(runtime, "FailedScheduling", message, "Warning", component="default-scheduler")
+        self.store.touch(runtime)
 
     def _mounts(self, runtime: PodRuntime, container: dict) -> list[tuple[str, str]]:
         """(mountPath, local directory) per volumeMount, longest first; ``emptyDir`` per pod, PVCs shared."""
@@ -260,6 +278,15 @@ class Kubelet:
                 start_new_session=True,
             )
             run.started = True
+            meta = pod["metadata"]
+            run.record = {
+                "uid": meta["uid"],
+                "name": meta["name"],
+                "labels": dict(meta.get("labels") or {}),
+                "started": time.monotonic(),
+                "ended": None,
+            }
+            store.container_runs.append(run.record)
             store.event(runtime, "Started", f"Started container {run.name}", container=True)
             image = container["image"]
             digest = hashlib.sha256(image.encode()).hexdigest()
@@ -290,6 +317,8 @@ class Kubelet:
         exit_code = 128 - code if code < 0 else code  # killed by signal N: 128 + N, as runtimes report it
         with store.lock:
             run.finished, run.exit_code = True, exit_code
+            if run.record is not None:
+                run.record["ended"] = time.monotonic()
             status = runtime.obj["status"]["containerStatuses"][0]
             terminated: dict[str, Any] = {
                 "exitCode": exit_code,
@@ -328,7 +357,27 @@ class Kubelet:
                 set_condition(pod, condition, "False", reason)
             store.touch(runtime)
             if pod["metadata"].get("deletionTimestamp"):
-                store.remove(runtime)
+                self.remove_later(runtime)
+
+    def remove_later(self, runtime: PodRuntime) -> None:
+        """A deleted pod whose process has ended: readable in its final phase for a moment, then gone.
+
+        A real kubelet reports the terminal status before the API server removes the object, so a
+        client can read a deleted pod Failed (or still terminating) for a while, not only 404s.
+        """
+        linger = self.store.deleted_pod_linger
+        if linger <= 0:
+            self.store.remove(runtime)
+            return
+
+        def remove() -> None:
+            with self.store.lock:
+                if not runtime.gone:
+                    self.store.remove(runtime)
+
+        timer = threading.Timer(linger, remove)
+        timer.daemon = True
+        timer.start()
 
     # ------------------------------------------------------------------------------ ending a pod early
 

@@ -34,6 +34,7 @@ class ContainerRun:
         self.finished = False
         self.exit_code: int | None = None
         self.kill_reason: str | None = None  # OOMKilled, or None for Error/Completed
+        self.record: dict | None = None  # this process's entry in Store.container_runs
 
 
 class PodRuntime:
@@ -83,6 +84,12 @@ class Store:
         self.unknown_routes: list[tuple[str, str]] = []
         self.received_pods: list[dict] = []
         self.admitted_pods: list[dict] = []
+        # How the cluster behaves (see KubernetesEmulator's setters).
+        self.scheduling_held = False  # no free GPU: new pods stay Pending, Unschedulable
+        self.deleted_pod_linger = 0.0  # s a deleted pod stays readable after its process ended
+        self.lose_create_responses = 0  # admitted creates answered 504, as an overloaded API server can
+        # Each container process: pod uid, name, labels, monotonic start and end (None while running).
+        self.container_runs: list[dict] = []
 
     def bump(self) -> str:
         self.rv += 1
