@@ -22,7 +22,7 @@ from trainer.spec import (
     TAG_TRY_NUMBER,
 )
 from trainyard.config.loading import ResolvedPipeline
-from trainyard.promote.promotion import TAG_DECISION, TAG_REASON
+from trainyard.promote.audit import Audit
 
 
 def _validation_lines(client: Any, run_id: str) -> list[str]:
@@ -158,10 +158,9 @@ def latest_summary(pipeline: ResolvedPipeline) -> str:
     versions = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
     if versions:
         version = versions[0]
-        tags = version.tags
-        decision = tags.get(TAG_DECISION, "undecided").upper()
-        reason = tags.get(TAG_REASON, "")
-        lines.append(f"Model version: {name} v{version.version}: {decision}: {reason}")
+        audit = Audit.from_tags(version.tags)
+        verdict = f"{audit.verdict.upper()}: {audit.reason}" if audit else "UNDECIDED: "
+        lines.append(f"Model version: {name} v{version.version}: {verdict}")
     else:
         lines.append(f"Model version: none registered in '{name}' for this run")
     rule = pipeline.config.promotion

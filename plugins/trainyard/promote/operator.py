@@ -21,7 +21,7 @@ class PromoteOperator(PipelineOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         from mlflow.tracking import MlflowClient
 
-        from trainyard.promote.promotion import PromotionRefused, promote
+        from trainyard.promote.promote import PromotionRefused, promote
 
         dag_run = context["dag_run"]
         client = MlflowClient(tracking_uri=self.pipeline.environment.mlflow.tracking_uri)
