@@ -1,4 +1,4 @@
-"""Benchmark ``trainyard.validate.data_checks.validate_dataset`` against a plain pandas implementation.
+"""Benchmark ``trainyard.validate.dataset.validate_dataset`` against a plain pandas implementation.
 
     .venv/bin/python benchmarks/bench_validation.py                  # 500k and 2M rows
     .venv/bin/python benchmarks/bench_validation.py --rows 100000 1000000 4000000 --repeat 3
@@ -111,7 +111,7 @@ def dataset(rows: int) -> tuple[Path, Path]:
 def run_arrow(train: str, validation: str) -> dict:
     from trainer.spec import DataSpec
     from trainyard.config.pipeline_schema import DataChecks
-    from trainyard.validate.data_checks import validate_dataset
+    from trainyard.validate.dataset import validate_dataset
 
     spec = DataSpec(
         train_uri=train,

@@ -20,7 +20,8 @@ class ValidateDataOperator(PipelineOperator):
     ui_color = "#e8f4fd"
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from trainyard.validate.data_checks import DataValidationError, require_valid, validate_dataset
+        from trainyard.validate.dataset import validate_dataset
+        from trainyard.validate.report import DataValidationError, require_valid
 
         conf = context["dag_run"].conf or {}
         try:
