@@ -26,7 +26,7 @@ from tests.support.deploy_files import DOCKER, deep_merge, load_yaml, requiremen
 from tests.support.paths import ROOT
 from trainyard.config.environment_schema import EnvironmentConfig
 from trainyard.config.loading import load_environment, load_pipeline, pipeline_files
-from trainyard.train.pod_operator import CACHE_DIR, SCRATCH_DIR
+from trainyard.train.pod import CACHE_DIR, SCRATCH_DIR
 
 HELM = ROOT / "helm-values"
 CHART = HELM / "trainyard-cluster"

@@ -81,7 +81,7 @@ class RecordingEmulator(KubernetesEmulator):
 
     def run_pods(self, run_id: str) -> list[dict]:
         """Every pod created for a DAG run (by its cost-attribution label)."""
-        from trainyard.train.pod_operator import label_value
+        from trainyard.train.pod import label_value
 
         return [
             p

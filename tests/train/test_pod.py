@@ -226,37 +226,3 @@ def test_jinja_in_yaml_values_is_never_rendered_into_the_pod(config_dirs):
     task.render_template_fields(context, jinja_env=dag.get_template_env())
     assert task.annotations == {"trainyard.io/owner": owner}
     assert task.template_fields == ()
-
-
-def test_checkpoints_are_keyed_by_run_and_inputs(config_dirs):
-    pipeline = _pipeline(config_dirs, "prod")
-    hp = pipeline.config.training
-    fingerprint_a, fingerprint_b = "sha256:" + "a" * 64, "sha256:" + "b" * 64
-
-    def checkpoint_dir(run_id, fingerprint=fingerprint_a, **changes):
-        return pipeline.run_spec(
-            run_id=run_id,
-            try_number=1,
-            hyperparameters=hp.model_copy(update=changes),
-            dataset_fingerprint=fingerprint,
-        ).checkpoint_dir
-
-    same = checkpoint_dir("manual__1")
-    assert checkpoint_dir("manual__1") == same, "a relaunch finds its checkpoints"
-    assert checkpoint_dir("manual__1", fingerprint_b) != same, "changed data never resumes old weights"
-    assert checkpoint_dir("manual__1", learning_rate=1e-3) != same
-    assert checkpoint_dir("exp:1") != checkpoint_dir("exp/1"), "odd characters do not collide"
-
-
-def test_an_oversized_validation_report_stays_out_of_the_argv(config_dirs):
-    pipeline = _pipeline(config_dirs, "prod")
-    report = {"labels": {f"label-{i}": i for i in range(20_000)}}
-    spec = pipeline.run_spec(
-        run_id="r",
-        try_number=1,
-        hyperparameters=pipeline.config.training,
-        dataset_fingerprint="sha256:" + "a" * 64,
-        validation_report=report,
-    )
-    assert spec.validation_report is None
-    assert len(spec.model_dump_json()) < 64 * 1024

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import logging
 import os
 import re
 import warnings
@@ -16,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from trainer.spec import DataSpec, Hyperparameters, MlflowSpec, RunIdentity, RunSpec
+from trainer.spec import DataSpec
 from trainyard import paths
 from trainyard.config.environment_schema import EnvironmentConfig
 from trainyard.config.errors import ConfigError, Loc, Problem, problems_from_validation, suggest_key
@@ -24,9 +22,6 @@ from trainyard.config.parse_cache import ParseCache
 from trainyard.config.pipeline_schema import DEPRECATED_FIELDS, PipelineConfig
 from trainyard.config.yaml_source import line_index, nearest_line, read_mapping
 
-log = logging.getLogger(__name__)
-#: Upper bound for the JSON run spec, which travels as one argv element.
-MAX_SPEC_BYTES = 64 * 1024
 ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 #: Fields an environment override may not touch: they define which DAG this is.
 NOT_OVERRIDABLE_PER_ENV = ("name", "environments")
@@ -180,63 +175,6 @@ class ResolvedPipeline:
     def model_base(self) -> str:
         base = self.config.model.base
         return base if base.startswith("hf://") else join_uri(self.environment.storage.models_root, base)
-
-    def checkpoint_dir(self, run_id: str, inputs: str) -> str:
-        """<root>/<pipeline>/<run>/<inputs>: a relaunch resumes only the same run on the same inputs.
-
-        ``inputs`` identifies the data and settings (see ``RunSpec``); when a cleared run trains on
-        changed data or hyperparameters it starts afresh instead of resuming weights from other inputs.
-        The run id keeps a short hash so that ids differing only in odd characters never collide.
-        """
-        safe_run = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id)[:80]
-        run_hash = hashlib.sha256(run_id.encode()).hexdigest()[:8]
-        return join_uri(
-            self.environment.storage.checkpoint_root, f"{self.name}/{safe_run}-{run_hash}/{inputs}"
-        )
-
-    def run_spec(
-        self,
-        *,
-        run_id: str,
-        try_number: int,
-        hyperparameters: Hyperparameters,
-        dataset_fingerprint: str,
-        validation_report: dict[str, Any] | None = None,
-    ) -> RunSpec:
-        env = self.environment
-        model = self.config.model.model_copy(update={"base": self.model_base})
-        inputs = hashlib.sha256(
-            "\n".join(
-                [dataset_fingerprint, model.model_dump_json(), hyperparameters.model_dump_json()]
-            ).encode()
-        ).hexdigest()[:12]
-        spec = RunSpec(
-            identity=RunIdentity(
-                pipeline=self.name,
-                environment=env.name,
-                dag_id=self.name,
-                run_id=run_id,
-                try_number=try_number,
-            ),
-            data=self.data_spec,
-            dataset_fingerprint=dataset_fingerprint,
-            model=model,
-            hyperparameters=hyperparameters,
-            mlflow=MlflowSpec(
-                tracking_uri=env.mlflow.tracking_uri,
-                experiment_name=self.experiment_name,
-                artifact_location=env.mlflow.artifact_location,
-            ),
-            checkpoint_dir=self.checkpoint_dir(run_id, inputs),
-            s3_endpoint_url=env.storage.s3_endpoint_url,
-            keep_checkpoints=env.storage.keep_checkpoints,
-            validation_report=validation_report,
-        )
-        if len(spec.model_dump_json()) > MAX_SPEC_BYTES:
-            # The spec is one argv element (Linux caps one at 128 KiB); the report stays in the task log.
-            log.warning("Validation report too large for the run spec: not sent to the trainer")
-            spec = spec.model_copy(update={"validation_report": None})
-        return spec
 
 
 def environment_limits(config: PipelineConfig, environment: EnvironmentConfig) -> list[tuple[Loc, str, str]]:

@@ -49,6 +49,20 @@ class LaunchSpec:
             env=trainer_env(spec.identity.environment),
         )
 
+    def torchrun_argv(self, gpus: int, shutdown_timeout: int) -> tuple[str, ...]:
+        """torchrun with one worker per GPU, each running what ``argv`` runs after the interpreter.
+
+        torchrun SIGKILLs its workers 30 s after forwarding SIGTERM unless ``shutdown_timeout`` says
+        otherwise; the workers need that time to save and upload the checkpoint.
+        """
+        return (
+            "torchrun",
+            "--standalone",
+            f"--nproc_per_node={gpus}",
+            f"--shutdown-timeout={shutdown_timeout}",
+            *self.argv[1:],
+        )
+
 
 #: What a local trainer inherits from the Airflow worker: tooling and storage/tracking access,
 #: never Airflow's own secrets (AIRFLOW__*, AIRFLOW_CONN_*, the Fernet key, the metadata DB).

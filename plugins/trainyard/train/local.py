@@ -7,20 +7,9 @@ from typing import Any
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowFailException
 
-from trainer.spec import PERMANENT_EXIT_CODES, RunSpec
-from trainyard.config.loading import ResolvedPipeline
-from trainyard.handoff import Approval, PipelineOperator
-
-
-def run_spec_for(pipeline: ResolvedPipeline, context: Context, approved: Approval) -> RunSpec:
-    """The trainer's input for this DAG run and try, from what validate_data approved."""
-    return pipeline.run_spec(
-        run_id=context["dag_run"].run_id,
-        try_number=context["ti"].try_number,
-        hyperparameters=approved.hyperparameters,
-        dataset_fingerprint=approved.fingerprint,
-        validation_report=approved.report,
-    )
+from trainer.spec import PERMANENT_EXIT_CODES
+from trainyard.handoff import PipelineOperator
+from trainyard.train.run_spec import run_spec
 
 
 def training_finished_line(result: dict[str, Any]) -> str:
@@ -46,7 +35,12 @@ class LocalTrainOperator(PipelineOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         from trainyard.train.launch import LaunchSpec, LocalTrainer, TrainerFailed
 
-        spec = run_spec_for(self.pipeline, context, self.approval(context))
+        spec = run_spec(
+            self.pipeline,
+            self.approval(context),
+            run_id=context["dag_run"].run_id,
+            try_number=context["ti"].try_number,
+        )
         self._trainer = LocalTrainer(LaunchSpec.for_run(spec), self.log)
         try:
             result = self._trainer.run()

@@ -1,20 +1,35 @@
-"""Why a training pod ended badly, and whether that was the cluster's doing or the job's.
+"""Why a training pod ended badly, and what the ``train`` task does about it.
 
 Preemption and eviction are normal on a shared GPU cluster: the pod is relaunched and resumes
 from its checkpoint without spending an Airflow retry. Everything else is a genuine failure that
-gets a message naming its cause.
+gets a message naming its cause, and fails for good when a retry would fail the same way.
+All of it is pure, so every decision is tested as a table without a cluster.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from trainer.spec import PERMANENT_EXIT_CODES
+
 Kind = Literal[
-    "preempted", "evicted", "oom_killed", "image_pull", "config", "deadline", "exit_code", "unknown"
+    "preempted",
+    "evicted",
+    "oom_killed",
+    "image_pull",
+    "config",
+    "deadline",
+    "exit_code",
+    "unknown",
+    "refused",
+    "invalid_pod",
 ]
 DISRUPTIONS: frozenset[str] = frozenset({"preempted", "evicted"})
+#: The API server refused to create the pod: it never ran.
+REFUSALS: frozenset[str] = frozenset({"refused", "invalid_pod"})
 IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
 CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError", "RunContainerError")
 
@@ -28,6 +43,10 @@ class PodFailure:
     @property
     def is_disruption(self) -> bool:
         return self.kind in DISRUPTIONS
+
+    @property
+    def is_refusal(self) -> bool:
+        return self.kind in REFUSALS
 
 
 def _get(obj: Any, *names: str) -> Any:
@@ -102,3 +121,50 @@ def api_refusal(exc: Exception) -> str | None:
     if status == 404 and details.get("kind") != "namespaces" and "namespaces" not in message:
         return None
     return message
+
+
+def refused_pod(exc: Exception) -> PodFailure | None:
+    """The refusal ``exc`` reports, if it is one; an invalid spec or unknown PriorityClass stays so."""
+    refusal = api_refusal(exc)
+    if refusal is None:
+        return None
+    invalid = getattr(exc, "status", None) == 422 or "PriorityClass" in refusal
+    return PodFailure("invalid_pod" if invalid else "refused", refusal)
+
+
+class Action(enum.Enum):
+    RELAUNCH = "relaunch"  # a fresh pod in the same Airflow try, resuming from the checkpoint
+    FAIL_PERMANENTLY = "fail permanently"  # no Airflow retry: it would fail the same way
+    FAIL_RETRYABLE = "fail retryable"  # Airflow's retries apply
+
+
+@dataclass(frozen=True)
+class NextStep:
+    action: Action
+    message: str  # what the task log shows: the warning before a relaunch, or the error
+
+
+def after_pod_failure(failure: PodFailure, relaunches: int, limit: int) -> NextStep:
+    """What the ``train`` task does after ``failure``, having relaunched ``relaunches`` of ``limit`` times."""
+    if failure.is_disruption:
+        if relaunches < limit:
+            return NextStep(
+                Action.RELAUNCH,
+                f"{failure.message}. Relaunching ({relaunches + 1}/{limit}, no Airflow retry used); "
+                "the trainer resumes from its last checkpoint.",
+            )
+        return NextStep(
+            Action.FAIL_RETRYABLE,
+            f"Training pod failed: {failure.message}; gave up after {relaunches} relaunches "
+            "(max_preemption_relaunches)",
+        )
+    if failure.is_refusal:
+        # A refused pod never started; an invalid spec will not fix itself, a full quota may.
+        action = Action.FAIL_PERMANENTLY if failure.kind == "invalid_pod" else Action.FAIL_RETRYABLE
+        return NextStep(action, f"Kubernetes refused the training pod: {failure.message}")
+    # A bad spec or bad input fails the same way on every retry: do not spend them.
+    permanent = failure.exit_code in PERMANENT_EXIT_CODES
+    return NextStep(
+        Action.FAIL_PERMANENTLY if permanent else Action.FAIL_RETRYABLE,
+        f"Training pod failed: {failure.message}",
+    )
