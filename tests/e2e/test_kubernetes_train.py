@@ -467,7 +467,7 @@ def test_evictions_beyond_the_relaunch_limit_fail_the_task(cluster):
     code, output, _ = run.finish()
     assert code != 0
     assert "Relaunching (1/1, no Airflow retry used)" in output, output[-6000:]
-    assert "was evicted by the cluster (EvictionByEvictionAPI)" in output
+    assert "was evicted by the cluster (TerminationByKubelet)" in output
     assert "gave up after 1 relaunches (max_preemption_relaunches)" in output
     assert cluster.posts(namespace) == 2
 
