@@ -1,23 +1,33 @@
 """MLflow bookkeeping for one training run. Only the main process (rank 0) touches MLflow.
 
-A relaunched pod resumes the same MLflow run (its id is kept in the checkpoint directory), so tags
-are (re)set on every start and params are logged only where not already there: MLflow params are
-write-once. Nothing here reads ``os.environ``: no secret can end up in a param.
+``mlflow_run`` is the MLflow run around a training run's body: it starts (or resumes) the run and
+ends it however the body ends, recording why on a failure. A relaunched pod resumes the same MLflow
+run (its id is kept in the checkpoint directory), so tags are (re)set on every start and params are
+logged only where not already there: MLflow params are write-once. Nothing here reads
+``os.environ``: no secret can end up in a param.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
+from trainer.checkpoints import checkpoint_step
+from trainer.errors import Terminated, describe, exit_code_for
 from trainer.spec import (
     ERROR_TAGS,
     MODEL_ARTIFACT,
+    STAGE_FINISHING,
+    STAGE_SETUP,
+    STAGES_AFTER_TRAINING,
     TAG_CHECKPOINT_STEP,
     TAG_ERROR,
     TAG_ERROR_STAGE,
@@ -27,6 +37,10 @@ from trainer.spec import (
     RunSpec,
     run_tags,
 )
+
+if TYPE_CHECKING:
+    from trainer.checkpoints import CheckpointStore
+    from trainer.preemption import Preemption
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +245,63 @@ class Tracker:
         mlflow.end_run(status=status)
         logger.info("MLflow run %s ended: %s", self.run_id, status)
         self.run_id = None
+
+
+@dataclass
+class TrackedRun:
+    """The MLflow run as the body of ``mlflow_run`` sees it. The body moves ``stage`` on as it goes
+    and sets ``trained_step`` once training is over: a failure is recorded under that stage."""
+
+    run_id: str | None = None  # None off rank 0
+    stage: str = STAGE_SETUP
+    trained_step: int | None = None
+
+
+@contextlib.contextmanager
+def mlflow_run(
+    tracker: Tracker, store: CheckpointStore, resumed_from_step: int | None, preemption: Preemption
+) -> Iterator[TrackedRun]:
+    """Start the MLflow run (or continue the one named in ``store``) and end it however the body ends.
+
+    The run id goes into the checkpoint directory at once, so that a relaunch continues this run.
+    The body returns: the run ends FINISHED, shielded from SIGTERM (it is complete; a SIGTERM now
+    must not turn it into KILLED). The body raises: the run gets the failure tags (error, stage,
+    exit code, the newest checkpoint kept) and ends FAILED, or KILLED on SIGTERM or Ctrl-C (the next
+    launch resumes it); then the exception goes on, for ``__main__`` to turn into the exit code.
+    """
+    run = TrackedRun()
+    try:
+        run.run_id = tracker.start(store.read_run_id(), resumed_from_step)
+        if run.run_id:
+            store.write_run_id(run.run_id)  # a relaunch continues this MLflow run
+        yield run
+        run.stage = STAGE_FINISHING
+        with preemption.shielded():
+            tracker.end("FINISHED")
+    except BaseException as error:
+        _end_failed(tracker, store, error, run.stage)
+        if run.stage in STAGES_AFTER_TRAINING:
+            logger.error(
+                "Failed in %s after training completed at step %d: its checkpoint is kept, and a retry "
+                "resumes there and repeats only %s and what follows",
+                run.stage,
+                run.trained_step,
+                run.stage,
+            )
+        raise
+
+
+def _end_failed(tracker: Tracker, store: CheckpointStore, error: BaseException, stage: str) -> None:
+    """Record why the run stops and end it; a tracking-server error here is logged, never raised in
+    place of ``error``, which is why the run stopped."""
+    try:
+        kept = store.latest()
+        tracker.record_failure(
+            describe(error), stage, exit_code_for(error), checkpoint_step(kept) if kept is not None else None
+        )
+        tracker.end("KILLED" if isinstance(error, Terminated | KeyboardInterrupt) else "FAILED")
+    except Exception:
+        logger.exception("Could not record the failure on the MLflow run")
 
 
 def save_for_serving(model, tokenizer, max_length: int, directory: Path) -> None:

@@ -1,15 +1,15 @@
-"""One training run, top to bottom, in the spirit of HuggingFace's ``run_glue.py``.
+"""One training run, top to bottom, in the spirit of HuggingFace's ``run_glue.py``: ``run()`` is the
+list of steps, and each step is a function below it, in the order they run.
 
-    spec -> data (labels as ids) -> base model + tokenizer -> HF Trainer (resumes from the last
-    checkpoint) -> final checkpoint -> evaluation -> MLflow (tags, params, metrics, model) -> result
+    spec (``__main__`` loads it) -> stage and verify the data -> training plan -> checkpoint and base
+    model -> model and tokenizer -> tokenize -> HF Trainer -> MLflow run (``tracking.mlflow_run``):
+    inputs, train (resume, or skip when already complete), evaluate, log the model -> remove the
+    checkpoints -> result
 
 Work done is never lost to a failure after training: the final weights are a checkpoint before
 evaluation and logging start, and a relaunch that finds that checkpoint skips training and repeats
-only what failed. A failure records its error, stage and exit code on the MLflow run.
-
-Precision: ``auto`` is bf16 on CUDA GPUs that support it, fp16 on other CUDA GPUs, fp32 on CPU.
-An explicit ``bf16``/``fp16`` without a CUDA GPU falls back to fp32 with a warning (the same pipeline
-then runs on a laptop and on a GPU node); ``bf16`` on a GPU without bf16 is an input error.
+only what failed. ``tracking.mlflow_run`` ends the MLflow run: FINISHED, or FAILED (KILLED on
+SIGTERM) with the error, the stage it happened in and the exit code recorded on it.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from transformers import TrainerCallback
 
+from trainer import tracking
 from trainer.checkpoints import (
     CheckpointStore,
     MirrorCallback,
@@ -37,20 +38,15 @@ from trainer.checkpoints import (
     training_complete,
 )
 from trainer.data import load_splits, tokenize
-from trainer.errors import Terminated, TrainerInputError, describe, exit_code_for
+from trainer.errors import TrainerInputError
 from trainer.preemption import Preemption
-from trainer.spec import (
-    EVAL_METRICS,
-    STAGE_EVALUATION,
-    STAGE_FINISHING,
-    STAGE_MODEL_LOGGING,
-    STAGE_SETUP,
-    STAGE_TRAINING,
-    STAGES_AFTER_TRAINING,
-    RunSpec,
-)
+from trainer.runtime import Processes, configure_libraries, resolve_precision
+from trainer.spec import EVAL_METRICS, STAGE_EVALUATION, STAGE_MODEL_LOGGING, STAGE_TRAINING, RunSpec
 from trainer.storage import is_s3, storage_options
 from trainer.tracking import MlflowMetricsCallback, Tracker, run_params
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -58,60 +54,302 @@ HF_PREFIX = "hf://"
 
 
 @dataclass(frozen=True)
-class Processes:
-    """Where this process sits under ``torchrun`` (a single process otherwise)."""
+class Plan:
+    """Fixed before any model is loaded: who this process is, its precision, where the checkpoints
+    go, the step arithmetic, and the ``TrainingArguments`` made of all of it."""
 
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def from_env(cls) -> Processes:
-        return cls(
-            rank=int(os.environ.get("RANK", "0")),
-            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-            world_size=int(os.environ.get("WORLD_SIZE", "1")),
-        )
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    processes: Processes
+    precision: str
+    store: CheckpointStore
+    samples_per_step: int
+    total_steps: int
+    args: TrainingArguments
 
 
-def configure_libraries(progress_bars: bool) -> None:
-    """HF libraries log through our handler (stderr); progress bars only on a terminal."""
-    import datasets
-    import transformers
+@dataclass(frozen=True)
+class Start:
+    """Where training starts: the base model, and the newest checkpoint an earlier attempt left."""
 
-    transformers.utils.logging.disable_default_handler()
-    for library in (transformers.utils.logging, datasets.utils.logging):
-        library.set_verbosity_warning()
-        library.enable_propagation()
-    if not progress_bars:
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
+    model_path: str
+    checkpoint: Path | None = None
+    step: int | None = None  # the checkpoint's step: the run resumes from it
+    complete: bool = False  # the checkpoint is at the final step: nothing is left to train
 
 
-def _native_bf16(torch: Any) -> bool:
-    """bf16 in hardware (Ampere and newer); torch's default also counts slow emulation (V100, T4)."""
-    return torch.cuda.is_bf16_supported(including_emulation=False)
+@dataclass(frozen=True)
+class Trained:
+    """Where training ended, and its metrics (none when an earlier attempt did the training)."""
+
+    global_step: int
+    metrics: dict[str, float]
 
 
-def resolve_precision(requested: str) -> str:
+def run(spec: RunSpec, preemption: Preemption) -> dict[str, Any] | None:
+    """Train, evaluate and log one run; the result (rank 0) or None (other ranks).
+
+    The MLflow run starts only once the data, model and Trainer are ready; from then on a failure is
+    recorded on it under the stage set below. A failure before that (bad data, say) shows in the log
+    and the exit code only, as there is no run to record it on yet.
+    """
+    processes = Processes.from_env()
+    configure_libraries(progress_bars=sys.stderr.isatty())
+    precision = resolve_precision(spec.hyperparameters.precision)
+
+    data = load_data(spec)
+    plan = plan_training(spec, data, processes, precision)
+    start = fetch_checkpoint_and_base_model(spec, plan)
+    model, tokenizer = load_model(spec, start)
+    max_length = fitting_max_length(spec, model)
+    encoded = tokenize_data(data, tokenizer, max_length, plan)
+    tracker = Tracker(spec, enabled=processes.is_main)
+    trainer = build_trainer(plan, model, tokenizer, encoded, tracker=tracker, preemption=preemption)
+
+    with tracking.mlflow_run(tracker, plan.store, start.step, preemption) as mlflow_run:
+        log_inputs(tracker, spec, data, precision)
+        mlflow_run.stage = STAGE_TRAINING
+        trained = train_unless_complete(trainer, spec, plan, start, tracker=tracker, preemption=preemption)
+        mlflow_run.trained_step = trained.global_step
+        mlflow_run.stage = STAGE_EVALUATION
+        eval_metrics = evaluate(trainer, tracker, trained.global_step)
+        mlflow_run.stage = STAGE_MODEL_LOGGING
+        model_uri = log_model(tracker, trainer, tokenizer, data, max_length)
+
+    remove_checkpoints(spec, plan, preemption)
+    if not processes.is_main:
+        return None
+    return result(plan, start, trained, eval_metrics, mlflow_run_id=mlflow_run.run_id, model_uri=model_uri)
+
+
+def load_data(spec: RunSpec):
+    """Stage the files, verify they are the bytes ``validate_data`` approved, map labels to ids
+    (``trainer.data``): bad data stops here, before any model is downloaded."""
+    data = load_splits(spec)
+    logger.info(
+        "Data: %d train rows, %d validation rows, labels %s",
+        data["train"].num_rows,
+        data["validation"].num_rows,
+        list(spec.data.label_names),
+    )
+    return data
+
+
+def plan_training(spec: RunSpec, data, processes: Processes, precision: str) -> Plan:
+    """The ``TrainingArguments``, from the spec and the data size: resumable checkpoints every
+    ``checkpoint_every_steps``, one evaluation at the end, about 20 log lines a run, and no reporting
+    by HF itself (``trainer.tracking`` logs to MLflow, on rank 0 only)."""
     import torch
+    from transformers import TrainingArguments
 
-    if not torch.cuda.is_available():
-        if requested in ("bf16", "fp16"):
-            logger.warning("precision %s requested but there is no CUDA GPU: training in fp32", requested)
-        return "fp32"
-    if requested == "auto":
-        return "bf16" if _native_bf16(torch) else "fp16"
-    if requested == "bf16" and not _native_bf16(torch):
-        raise TrainerInputError(
-            f"precision bf16 requested but {torch.cuda.get_device_name()} does not support bf16; "
-            "use fp16 or auto"
+    hp = spec.hyperparameters
+    store = CheckpointStore(spec.checkpoint_dir, spec.s3_endpoint_url)
+    samples_per_step = hp.batch_size * hp.gradient_accumulation_steps * processes.world_size
+    updates_per_epoch = math.ceil(data["train"].num_rows / samples_per_step)
+    total_steps = hp.max_steps or math.ceil(hp.epochs * updates_per_epoch)
+    args = TrainingArguments(
+        output_dir=str(store.local_dir),
+        num_train_epochs=hp.epochs,
+        max_steps=hp.max_steps or -1,
+        per_device_train_batch_size=hp.batch_size,
+        per_device_eval_batch_size=hp.batch_size,
+        learning_rate=hp.learning_rate,
+        weight_decay=hp.weight_decay,
+        warmup_steps=hp.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        seed=hp.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        save_strategy="steps",
+        save_steps=hp.checkpoint_every_steps,
+        save_total_limit=2,
+        eval_strategy="no",  # evaluated once, at the end
+        logging_strategy="steps",
+        logging_steps=max(1, min(50, total_steps // 20)),
+        logging_first_step=True,
+        report_to="none",  # MLflow is logged by trainer.tracking, on rank 0 only
+        disable_tqdm=not sys.stderr.isatty(),
+        dataloader_num_workers=2 if torch.cuda.is_available() else 0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+    )
+    return Plan(processes, precision, store, samples_per_step, total_steps, args)
+
+
+def fetch_checkpoint_and_base_model(spec: RunSpec, plan: Plan) -> Start:
+    """Bring the newest checkpoint of an earlier attempt (once per node) and the base model to
+    local disk, local rank 0 first so that the other ranks find them there; then say where training
+    starts. A checkpoint at the final step means an earlier attempt trained and failed afterwards."""
+    with plan.args.main_process_first(local=True, desc="checkpoint and model download"):
+        if plan.processes.local_rank == 0:
+            plan.store.download()
+        model_path = resolve_base_model(spec.model.base, spec.s3_endpoint_url)
+    checkpoint = plan.store.latest()
+    if checkpoint is None:
+        return Start(model_path)
+    start = Start(model_path, checkpoint, checkpoint_step(checkpoint), training_complete(checkpoint))
+    if start.complete:
+        logger.info(
+            "Training already complete at step %d (checkpoint %s): evaluating and logging its weights, "
+            "no training",
+            start.step,
+            checkpoint,
         )
-    return requested
+    else:
+        logger.info("Resuming from checkpoint %s (step %d)", checkpoint, start.step)
+    return start
+
+
+def load_model(spec: RunSpec, start: Start):
+    """The base model's tokenizer and a classifier for this run's labels: the base model with a new
+    head, seeded so that every attempt initialises it alike, or the final checkpoint's weights when
+    training is complete already (the Trainer restores any other checkpoint itself)."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    labels = list(spec.data.label_names)
+    transformers.set_seed(spec.hyperparameters.seed)  # the classification head is initialised here
+    tokenizer = AutoTokenizer.from_pretrained(start.model_path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(start.checkpoint) if start.complete else start.model_path,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        ignore_mismatched_sizes=True,  # a base that is already a classifier with other labels
+    )
+    return model, tokenizer
+
+
+def fitting_max_length(spec: RunSpec, model) -> int:
+    """``model.max_length``, cut (with a warning) to the model's position limit: a longer input
+    would index past its position embeddings."""
+    max_length = min(spec.model.max_length, getattr(model.config, "max_position_embeddings", None) or 10**9)
+    if max_length < spec.model.max_length:
+        logger.warning(
+            "model.max_length %d exceeds what %s supports: truncating to %d tokens",
+            spec.model.max_length,
+            spec.model.base,
+            max_length,
+        )
+    return max_length
+
+
+def tokenize_data(data, tokenizer, max_length: int, plan: Plan):
+    """Token ids for both splits; the main process goes first and fills the ``datasets`` cache, which
+    the other ranks then read instead of tokenizing again."""
+    with plan.args.main_process_first(desc="tokenize"):
+        return tokenize(data, tokenizer, max_length)
+
+
+def build_trainer(plan: Plan, model, tokenizer, encoded, *, tracker: Tracker, preemption: Preemption):
+    """The HF Trainer with our callbacks: a checkpoint and a stop on SIGTERM, one log line per logging
+    step, step metrics to MLflow, each checkpoint mirrored to ``s3://``; and without its
+    ``PrinterCallback``, which ``print()``s raw dicts to stdout (the result line's stream)."""
+    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer
+
+    trainer = Trainer(
+        model=model,
+        args=plan.args,
+        train_dataset=encoded["train"],
+        eval_dataset=encoded["validation"],
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(
+            tokenizer, pad_to_multiple_of=8 if plan.precision != "fp32" else None
+        ),
+        compute_metrics=compute_metrics,
+        callbacks=[
+            PreemptionCallback(preemption),
+            ProgressLogCallback(plan.samples_per_step),
+            MlflowMetricsCallback(tracker),
+            *([MirrorCallback(plan.store)] if plan.store.remote else []),
+        ],
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def log_inputs(tracker: Tracker, spec: RunSpec, data, precision: str) -> None:
+    """What the run is trained on and how, as params and the validation report: logged once per
+    MLflow run, so a relaunch keeps the original params (``Tracker.log_params`` warns of changes)."""
+    tracker.log_params(run_params(spec, data["train"].num_rows, data["validation"].num_rows, precision))
+    if spec.validation_report is not None:
+        tracker.log_dict(spec.validation_report, "validation_report.json")
+
+
+def train_unless_complete(
+    trainer, spec: RunSpec, plan: Plan, start: Start, *, tracker: Tracker, preemption: Preemption
+) -> Trained:
+    """Train, from the start or from the checkpoint of an interrupted attempt, or not at all when
+    the checkpoint is at the final step (the attempt that trained logged its metrics). Inside the
+    loop SIGTERM saves a checkpoint at the end of the step and stops; once the loop is done the
+    final weights are a checkpoint, before anything after training can fail."""
+    if start.complete:
+        return Trained(start.step, {})
+    logger.info(
+        "Training %s: %d steps of %d samples, precision %s, device %s",
+        spec.model.base,
+        plan.total_steps,
+        plan.samples_per_step,
+        plan.precision,
+        plan.args.device,
+    )
+    with preemption.deferred():
+        outcome = trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
+    final = ensure_final_checkpoint(trainer, plan.store, plan.processes.is_main)
+    logger.info("Training complete at step %d; final checkpoint %s", outcome.global_step, final.name)
+    metrics = {k: v for k, v in outcome.metrics.items() if k != "total_flos"}
+    tracker.log_metrics(metrics, step=outcome.global_step)
+    return Trained(outcome.global_step, metrics)
+
+
+def evaluate(trainer, tracker: Tracker, global_step: int) -> dict[str, float]:
+    """Once, on the validation split (``eval_strategy="no"`` while training): the metrics that
+    promotion compares, logged at the final step."""
+    eval_metrics = trainer.evaluate()
+    tracker.log_metrics(eval_metrics, step=global_step)
+    logger.info("Evaluation: %s", ", ".join(f"{k} {eval_metrics[k]:.4f}" for k in EVAL_METRICS))
+    return eval_metrics
+
+
+def log_model(tracker: Tracker, trainer, tokenizer, data, max_length: int) -> str | None:
+    """The fine-tuned model as the pyfunc that serving loads (``Tracker.log_model``), its signature
+    inferred from the first validation texts; its model URI (None off rank 0)."""
+    sample_texts = list(data["validation"]["text"][:5])
+    return tracker.log_model(trainer.model, tokenizer, sample_texts, max_length)
+
+
+def remove_checkpoints(spec: RunSpec, plan: Plan, preemption: Preemption) -> None:
+    """Once the run is FINISHED its checkpoints are only disk, unless the spec keeps them. Shielded
+    from SIGTERM: a relaunch would resume a half-removed checkpoint directory."""
+    if plan.processes.is_main and not spec.keep_checkpoints:
+        with preemption.shielded():
+            plan.store.remove()
+
+
+def result(
+    plan: Plan,
+    start: Start,
+    trained: Trained,
+    eval_metrics: dict[str, float],
+    *,
+    mlflow_run_id: str | None,
+    model_uri: str | None,
+) -> dict[str, Any]:
+    """The ``trainyard_result`` line ``__main__`` prints: what the Airflow side reads back."""
+    return {
+        "mlflow_run_id": mlflow_run_id,
+        "model_uri": model_uri,
+        "metrics": {k: float(eval_metrics[k]) for k in EVAL_METRICS},
+        "resumed_from_step": start.step,
+        "global_step": trained.global_step,
+        "precision": plan.precision,
+        "train": {
+            k: trained.metrics[k]
+            for k in ("train_runtime", "train_samples_per_second")
+            if k in trained.metrics
+        },
+    }
+
+
+# -- what the steps use -----------------------------------------------------------------------------
 
 
 def resolve_base_model(base: str, s3_endpoint_url: str | None) -> str:
@@ -188,196 +426,3 @@ class ProgressLogCallback(TrainerCallback):
         )
         self._last = (now, step)
         return control
-
-
-def run(spec: RunSpec, preemption: Preemption) -> dict[str, Any] | None:
-    """Train, evaluate and log one run; the result (rank 0) or None (other ranks)."""
-    import torch
-    import transformers
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        PrinterCallback,
-        Trainer,
-        TrainingArguments,
-    )
-
-    processes = Processes.from_env()
-    hp = spec.hyperparameters
-    interactive = sys.stderr.isatty()
-    configure_libraries(progress_bars=interactive)
-    precision = resolve_precision(hp.precision)
-    labels = list(spec.data.label_names)
-    store = CheckpointStore(spec.checkpoint_dir, spec.s3_endpoint_url)
-
-    data = load_splits(spec)
-    rows = {split: data[split].num_rows for split in data}
-    logger.info(
-        "Data: %d train rows, %d validation rows, labels %s", rows["train"], rows["validation"], labels
-    )
-
-    samples_per_step = hp.batch_size * hp.gradient_accumulation_steps * processes.world_size
-    updates_per_epoch = math.ceil(rows["train"] / samples_per_step)
-    total_steps = hp.max_steps or math.ceil(hp.epochs * updates_per_epoch)
-    args = TrainingArguments(
-        output_dir=str(store.local_dir),
-        num_train_epochs=hp.epochs,
-        max_steps=hp.max_steps or -1,
-        per_device_train_batch_size=hp.batch_size,
-        per_device_eval_batch_size=hp.batch_size,
-        learning_rate=hp.learning_rate,
-        weight_decay=hp.weight_decay,
-        warmup_steps=hp.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
-        gradient_accumulation_steps=hp.gradient_accumulation_steps,
-        seed=hp.seed,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        save_strategy="steps",
-        save_steps=hp.checkpoint_every_steps,
-        save_total_limit=2,
-        eval_strategy="no",  # evaluated once, at the end
-        logging_strategy="steps",
-        logging_steps=max(1, min(50, total_steps // 20)),
-        logging_first_step=True,
-        report_to="none",  # MLflow is logged by trainer.tracking, on rank 0 only
-        disable_tqdm=not interactive,
-        dataloader_num_workers=2 if torch.cuda.is_available() else 0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        ddp_find_unused_parameters=False,
-    )
-
-    with args.main_process_first(local=True, desc="checkpoint and model download"):
-        if processes.local_rank == 0:
-            store.download()
-        model_path = resolve_base_model(spec.model.base, spec.s3_endpoint_url)
-    resume = store.latest()
-    resumed_from_step = checkpoint_step(resume) if resume else None
-    trained = resume is not None and training_complete(resume)
-    if trained:
-        logger.info(
-            "Training already complete at step %d (checkpoint %s): evaluating and logging its weights, "
-            "no training",
-            resumed_from_step,
-            resume,
-        )
-    elif resume:
-        logger.info("Resuming from checkpoint %s (step %d)", resume, resumed_from_step)
-
-    transformers.set_seed(hp.seed)  # the classification head is initialised here, before the Trainer
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(resume) if trained else model_path,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-        ignore_mismatched_sizes=True,  # a base that is already a classifier with other labels
-    )
-    max_length = min(spec.model.max_length, getattr(model.config, "max_position_embeddings", None) or 10**9)
-    if max_length < spec.model.max_length:
-        logger.warning(
-            "model.max_length %d exceeds what %s supports: truncating to %d tokens",
-            spec.model.max_length,
-            spec.model.base,
-            max_length,
-        )
-    with args.main_process_first(desc="tokenize"):
-        encoded = tokenize(data, tokenizer, max_length)
-
-    tracker = Tracker(spec, enabled=processes.is_main)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=encoded["train"],
-        eval_dataset=encoded["validation"],
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(
-            tokenizer, pad_to_multiple_of=8 if precision != "fp32" else None
-        ),
-        compute_metrics=compute_metrics,
-        callbacks=[
-            PreemptionCallback(preemption),
-            ProgressLogCallback(samples_per_step),
-            MlflowMetricsCallback(tracker),
-            *([MirrorCallback(store)] if store.remote else []),
-        ],
-    )
-    trainer.remove_callback(PrinterCallback)  # it print()s raw dicts to stdout
-
-    stage = STAGE_SETUP
-    try:
-        run_id = tracker.start(store.read_run_id(), resumed_from_step)
-        if run_id:
-            store.write_run_id(run_id)  # a relaunch continues this MLflow run
-        tracker.log_params(run_params(spec, rows["train"], rows["validation"], precision))
-        if spec.validation_report is not None:
-            tracker.log_dict(spec.validation_report, "validation_report.json")
-
-        stage = STAGE_TRAINING
-        train_metrics: dict[str, float] = {}
-        if trained:  # the metrics of that training were logged by the attempt that trained
-            global_step = resumed_from_step
-        else:
-            logger.info(
-                "Training %s: %d steps of %d samples, precision %s, device %s",
-                spec.model.base,
-                total_steps,
-                samples_per_step,
-                precision,
-                args.device,
-            )
-            with preemption.deferred():
-                outcome = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-            global_step = outcome.global_step
-            final = ensure_final_checkpoint(trainer, store, processes.is_main)
-            logger.info("Training complete at step %d; final checkpoint %s", global_step, final.name)
-            train_metrics = {k: v for k, v in outcome.metrics.items() if k != "total_flos"}
-            tracker.log_metrics(train_metrics, step=global_step)
-
-        stage = STAGE_EVALUATION
-        eval_metrics = trainer.evaluate()
-        tracker.log_metrics(eval_metrics, step=global_step)
-        logger.info("Evaluation: %s", ", ".join(f"{k} {eval_metrics[k]:.4f}" for k in EVAL_METRICS))
-
-        stage = STAGE_MODEL_LOGGING
-        sample_texts = data["validation"]["text"][:5]
-        model_uri = tracker.log_model(trainer.model, tokenizer, list(sample_texts), max_length)
-        stage = STAGE_FINISHING
-        with preemption.shielded():  # complete: a SIGTERM now must not turn it into KILLED
-            tracker.end("FINISHED")
-    except BaseException as error:
-        exit_code = exit_code_for(error)
-        try:
-            kept = store.latest()
-            tracker.record_failure(
-                describe(error), stage, exit_code, checkpoint_step(kept) if kept is not None else None
-            )
-            tracker.end("KILLED" if isinstance(error, Terminated | KeyboardInterrupt) else "FAILED")
-        except Exception:  # never hide why the run stopped behind a tracking-server error
-            logger.exception("Could not record the failure on the MLflow run")
-        if stage in STAGES_AFTER_TRAINING:
-            logger.error(
-                "Failed in %s after training completed at step %d: its checkpoint is kept, and a retry "
-                "resumes there and repeats only %s and what follows",
-                stage,
-                global_step,
-                stage,
-            )
-        raise
-
-    if processes.is_main and not spec.keep_checkpoints:
-        with preemption.shielded():  # a half-removed checkpoint dir would be resumed by a relaunch
-            store.remove()
-    if not processes.is_main:
-        return None
-    return {
-        "mlflow_run_id": run_id,
-        "model_uri": model_uri,
-        "metrics": {k: float(eval_metrics[k]) for k in EVAL_METRICS},
-        "resumed_from_step": resumed_from_step,
-        "global_step": global_step,
-        "precision": precision,
-        "train": {
-            k: train_metrics[k] for k in ("train_runtime", "train_samples_per_second") if k in train_metrics
-        },
-    }
