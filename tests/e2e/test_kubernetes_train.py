@@ -539,7 +539,7 @@ def test_timed_out_task_deletes_its_pod(cluster):
     traceback = output.split("Task failed with exception", 1)[1].split("::group::Post Execute", 1)[0]
     final_error = re.findall(r"^([A-Za-z_][\w.]*(?:Error|Exception|Timeout)\b.*)$", traceback, re.M)[-1]
     assert final_error.startswith("airflow.sdk.exceptions.AirflowTaskTimeout"), traceback[-3000:]
-    assert f"Deleting still-active pod {name}" in output
+    assert f"Deleting pod {name} (phase Running): the task is ending" in output
     assert "Training pod failed" not in output, "the timeout is reported as such, not as a pod failure"
     assert any(path.split("?")[0].endswith(f"/pods/{name}") for path in cluster.deletes(namespace)), (
         cluster.emulator.requests_log[-20:]

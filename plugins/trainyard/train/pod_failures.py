@@ -18,6 +18,9 @@ from trainer.spec import PERMANENT_EXIT_CODES
 Kind = Literal[
     "preempted",
     "evicted",
+    "stopped",
+    "vanished",
+    "unscheduled",
     "oom_killed",
     "image_pull",
     "config",
@@ -27,7 +30,11 @@ Kind = Literal[
     "refused",
     "invalid_pod",
 ]
-DISRUPTIONS: frozenset[str] = frozenset({"preempted", "evicted"})
+#: The cluster took the pod away from a healthy trainer: relaunch it, do not spend a retry.
+DISRUPTIONS: frozenset[str] = frozenset({"preempted", "evicted", "stopped", "vanished"})
+#: Conditions the cluster sets on a pod it is about to stop: kube-scheduler preemption, the
+#: Eviction API (drain), taint and node-pressure eviction (DisruptionTarget); Kueue (TerminationTarget).
+DISRUPTION_CONDITIONS = ("DisruptionTarget", "TerminationTarget")
 #: The API server refused to create the pod: it never ran.
 REFUSALS: frozenset[str] = frozenset({"refused", "invalid_pod"})
 IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
@@ -57,16 +64,65 @@ def _get(obj: Any, *names: str) -> Any:
     return obj
 
 
+def _disruption(pod: Any) -> PodFailure | None:
+    """The disruption the cluster marked ``pod`` with, if any."""
+    name = _get(pod, "metadata", "name") or "the pod"
+    for condition in _get(pod, "status", "conditions") or []:
+        type_ = _get(condition, "type")
+        if type_ in DISRUPTION_CONDITIONS and _get(condition, "status") == "True":
+            reason = _get(condition, "reason") or "Disruption"
+            detail = _get(condition, "message") or ""
+            if type_ == "TerminationTarget":
+                return PodFailure("stopped", f"pod {name} was stopped by Kueue ({reason}) {detail}".strip())
+            kind: Kind = "preempted" if reason == "PreemptionByScheduler" else "evicted"
+            return PodFailure(kind, f"pod {name} was {kind} by the cluster ({reason}) {detail}".strip())
+    return None
+
+
+def has_run(pod: Any, container: str = "base") -> bool:
+    """Whether the pod's container ever started (a pod that never ran was never scheduled or pulled)."""
+    if _get(pod, "status", "phase") in ("Running", "Succeeded"):
+        return True
+    statuses = _get(pod, "status", "container_statuses") or _get(pod, "status", "containerStatuses") or []
+    state = next((_get(s, "state") for s in statuses if _get(s, "name") == container), None)
+    return (
+        _get(state, "running") is not None
+        or _get(state, "terminated", "started_at") is not None
+        or (_get(state, "terminated", "startedAt") is not None)
+    )
+
+
+def classify_gone(last_seen: Any, ran: bool, name: str, container: str = "base") -> PodFailure:
+    """A pod that can no longer be read, judged by what was last seen of it and whether it ran.
+
+    The cluster deletes what it preempts, drains or stops, often before the task looks again.
+    """
+    if last_seen is not None:
+        marked = _disruption(last_seen)
+        if marked is not None:
+            return marked
+        if _get(last_seen, "status", "phase") in ("Succeeded", "Failed"):
+            return classify(last_seen, container)
+    if ran:
+        return PodFailure(
+            "vanished",
+            f"pod {name} disappeared while its trainer was running (deleted by the cluster: preemption, "
+            "a node drain or a lost node)",
+        )
+    return PodFailure(
+        "unscheduled",
+        f"pod {name} was deleted before its trainer ever started; it never got a node. Check that the "
+        "queue, quota and node selectors can fit its resources",
+    )
+
+
 def classify(pod: Any, container: str = "base") -> PodFailure:
     """Classify a finished (or stuck) pod; ``pod`` is a V1Pod or its dict form."""
     name = _get(pod, "metadata", "name") or "the pod"
     status = _get(pod, "status")
-    for condition in _get(status, "conditions") or []:
-        if _get(condition, "type") == "DisruptionTarget" and _get(condition, "status") == "True":
-            reason = _get(condition, "reason") or "Disruption"
-            kind: Kind = "preempted" if reason == "PreemptionByScheduler" else "evicted"
-            detail = _get(condition, "message") or ""
-            return PodFailure(kind, f"pod {name} was {kind} by the cluster ({reason}) {detail}".strip())
+    marked = _disruption(pod)
+    if marked is not None:
+        return marked
     if _get(status, "reason") == "Evicted":
         return PodFailure("evicted", f"pod {name} was evicted: {_get(status, 'message') or 'node pressure'}")
     if _get(status, "reason") == "DeadlineExceeded":
@@ -102,7 +158,58 @@ def classify(pod: Any, container: str = "base") -> PodFailure:
             "exit_code", f"the trainer exited with code {code} ({reason or 'Error'}){suffix}", code
         )
     phase = _get(status, "phase") or "Unknown"
+    if phase == "Pending":
+        scheduled = next(
+            (c for c in _get(status, "conditions") or [] if _get(c, "type") == "PodScheduled"), None
+        )
+        if scheduled is not None and _get(scheduled, "status") == "False":
+            why = _get(scheduled, "message") or _get(scheduled, "reason") or "no node fits it"
+            return PodFailure(
+                "unscheduled", f"pod {name} was never scheduled within the startup timeout: {why}"
+            )
+        return PodFailure("unknown", f"pod {name} was still Pending at the startup timeout")
     return PodFailure("unknown", f"pod {name} ended in phase {phase}")
+
+
+def failure_facts(pod: Any) -> dict[str, Any] | None:
+    """The part of a pod :func:`classify` reads, as JSON: what a trigger hands the resumed task."""
+    if pod is None:
+        return None
+    status = _get(pod, "status")
+    statuses = _get(status, "container_statuses") or []
+
+    def state_of(s: Any) -> dict[str, Any]:
+        state = _get(s, "state")
+        out: dict[str, Any] = {}
+        if _get(state, "waiting") is not None:
+            out["waiting"] = {k: _get(state, "waiting", k) for k in ("reason", "message")}
+        if _get(state, "running") is not None:
+            out["running"] = {}
+        if _get(state, "terminated") is not None:
+            t = _get(state, "terminated")
+            out["terminated"] = {
+                "exitCode": _get(t, "exit_code"),
+                "reason": _get(t, "reason"),
+                "message": (_get(t, "message") or "")[-2048:],
+                "startedAt": str(_get(t, "started_at")) if _get(t, "started_at") else None,
+            }
+        return out
+
+    return {
+        "metadata": {"name": _get(pod, "metadata", "name")},
+        "status": {
+            "phase": _get(status, "phase"),
+            "reason": _get(status, "reason"),
+            "message": _get(status, "message"),
+            "conditions": [
+                {k: _get(c, k) for k in ("type", "status", "reason", "message")}
+                for c in _get(status, "conditions") or []
+            ],
+            "containerStatuses": [
+                {"name": _get(s, "name"), "image": _get(s, "image"), "state": state_of(s)} for s in statuses
+            ],
+        },
+    }
 
 
 def api_refusal(exc: Exception) -> str | None:

@@ -1,30 +1,70 @@
-"""The ``train`` task on Kubernetes: a KubernetesPodOperator that relaunches preempted pods.
+"""The ``train`` task on Kubernetes: one DAG run trains in one pod, whatever the cluster does.
 
-The pod itself is ``trainyard.train.pod`` (YAML only) and what to do after a failure is
-``trainyard.train.pod_failures.after_pod_failure``; this module only applies them to Airflow.
+The pod itself is ``trainyard.train.pod`` (YAML only), what a failure means is
+``trainyard.train.pod_failures`` and which pods a run owns is ``trainyard.train.one_pod``; this
+module applies them to the provider's KubernetesPodOperator, at the points where the provider
+alone would lose a pod (reattach, 404s, kills, timeouts) or count relaunches per try.
 """
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.providers.cncf.kubernetes.triggers.pod import KubernetesPodTrigger
+from airflow.providers.cncf.kubernetes.utils.pod_manager import PodManager, PodNotFoundException
 from airflow.sdk import Context
 
 from trainyard.config.loading import ResolvedPipeline
 from trainyard.handoff import Approval, PipelineOperator
+from trainyard.train.budget import BudgetSpent, seconds_left
+from trainyard.train.one_pod import LAUNCH_ANNOTATION, RunPods, new_launch_id
 from trainyard.train.pod import launch_argv, pod_kwargs, pod_labels
-from trainyard.train.pod_failures import Action, PodFailure, after_pod_failure, classify, refused_pod
+from trainyard.train.pod_failures import (
+    Action,
+    PodFailure,
+    after_pod_failure,
+    classify,
+    classify_gone,
+    has_run,
+    refused_pod,
+)
+from trainyard.train.pod_trigger import LAST_SEEN_KEY, STARTED_KEY, TrainPodTrigger
 from trainyard.train.run_spec import run_spec
+from trainyard.train.run_state import OwnedPod, RunState, StateStore, state_store
+
+DEADLINE_MESSAGE = "execution_timeout deadline"
+
+
+class WatchedPodManager(PodManager):
+    """The provider's PodManager, remembering what it last read of the pod and whether it ran.
+
+    A deleted pod can no longer be read; what it showed before decides what its end means.
+    """
+
+    last_seen: Any = None
+    ran = False
+
+    def read_pod(self, pod: Any) -> Any:
+        remote = super().read_pod(pod)
+        self.last_seen = remote
+        self.ran = self.ran or has_run(remote)
+        return remote
 
 
 class KubernetesTrainOperator(KubernetesPodOperator):
-    """Runs the trainer in a GPU pod and relaunches it when the cluster preempts or evicts it.
+    """Runs the trainer in a GPU pod; a disruption relaunches it, anything else fails with its cause.
 
-    The run spec is computed at run time, never templated. A relaunch does not spend an Airflow
-    retry: the trainer resumes from the last checkpoint of the same DAG run. Genuine failures
-    (non-zero exit, OOMKilled, image pull errors, refused pods) fail with their cause.
+    * One run, one pod: before a pod is created every other pod of the DAG run is adopted (the
+      one this run recorded, by UID) or deleted and waited for; a failing task deletes its
+      still-active pod whatever ``on_finish_action`` says.
+    * A disruption (preemption, drain, eviction, Kueue, a pod deleted while it ran) relaunches
+      without spending a retry, up to ``max_preemption_relaunches`` per DAG run.
+    * A kill is never a success, and each pod's ``activeDeadlineSeconds`` is what is left of the
+      task's ``execution_timeout``.
     """
 
     # Nothing is templated: every field comes from YAML or from the validated run spec, and Jinja in
@@ -37,6 +77,13 @@ class KubernetesTrainOperator(KubernetesPodOperator):
         self.pipeline = pipeline
         self.max_relaunches = pipeline.environment.kubernetes.max_preemption_relaunches  # type: ignore[union-attr]
         self._last_remote_pod: Any = None
+        self._pod_gone = False
+        self._stopped_by_airflow = False
+        self._store: StateStore | None = None
+
+    @cached_property
+    def pod_manager(self) -> PodManager:
+        return WatchedPodManager(kube_client=self.client, callbacks=self.callbacks)
 
     def prepare_run(self, context: Context, approved: Approval) -> None:
         """Fill in the command and labels of this DAG run (also used by ``trainyard render``)."""
@@ -48,6 +95,8 @@ class KubernetesTrainOperator(KubernetesPodOperator):
         self.arguments = list(argv[1:])
         self.labels = {**self.labels, **pod_labels(self.pipeline, context["dag_run"].run_id)}
 
+    # ------------------------------------------------------------------------------ the task's flow
+
     def execute(self, context: Context) -> Any:
         self.prepare_run(context, PipelineOperator.approval(context))
         while True:
@@ -56,98 +105,196 @@ class KubernetesTrainOperator(KubernetesPodOperator):
                 return outcome
 
     def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
+        if event.get("status") == "timeout" and DEADLINE_MESSAGE in str(event.get("message")):
+            # The provider would follow the still-running pod's log until the pod's own deadline.
+            self._stop_run_pods(context)
+            raise _task_timeout(self.execution_timeout)
         outcome = self._attempt(
-            context, lambda: super(KubernetesTrainOperator, self).trigger_reentry(context, event)
+            context, lambda: super(KubernetesTrainOperator, self).trigger_reentry(context, event), event
         )
         if outcome is _RELAUNCH:
             return self.execute(context)  # defers again with a fresh pod
         return outcome
 
+    def on_kill(self) -> None:
+        # SIGTERM or "mark failed": the provider deletes the pod, and its wait then ends normally,
+        # which would let execute return as if training had finished.
+        self._stopped_by_airflow = True
+        super().on_kill()
+
+    # ------------------------------------------------------------------- the provider's hooks, owned
+
+    def build_pod_request_obj(self, context: Context | None = None, *, dry_run: bool = False) -> Any:
+        pod = super().build_pod_request_obj(context, dry_run=dry_run)
+        started = getattr(context["ti"], "start_date", None) if context else None
+        left = seconds_left(started, self.execution_timeout, datetime.datetime.now(datetime.UTC))
+        if left is not None:
+            pod.spec.active_deadline_seconds = min(left, pod.spec.active_deadline_seconds or left)
+        return pod
+
+    def get_or_create_pod(self, pod_request_obj: Any, context: Context) -> Any:
+        store = self._state_store(context)
+        state = RunState.load(store)
+        pods = self._run_pods(context)
+        kept = pods.settle(state.pod.uid if state.pod else None)
+        if kept is not None:
+            return kept
+        pod_request_obj.metadata.annotations = {
+            **(pod_request_obj.metadata.annotations or {}),
+            LAUNCH_ANNOTATION: new_launch_id(),
+        }
+        created = pods.create(pod_request_obj)
+        meta = created.metadata
+        state.model_copy(
+            update={"pod": OwnedPod(namespace=meta.namespace, name=meta.name, uid=meta.uid)}
+        ).save(store)
+        return created
+
+    def defer(
+        self, *, trigger: Any, method_name: str, kwargs: dict | None = None, timeout: Any = None
+    ) -> Any:
+        if type(trigger) is KubernetesPodTrigger:
+            trigger = TrainPodTrigger(**trigger.serialize()[1])
+        return super().defer(trigger=trigger, method_name=method_name, kwargs=kwargs, timeout=timeout)
+
     def cleanup(
         self, pod: Any, remote_pod: Any, xcom_result: dict | None = None, context: Any = None
     ) -> None:
-        # When the wait for the pod ended early (launch failure, timeout) ``remote_pod`` is the copy
-        # read right after creation, still Pending: read the pod again so that the failure is
-        # classified (and the pod kept or deleted) by its real state, before cleanup may delete it.
+        # When the wait for the pod ended early (launch failure, timeout, a 404) ``remote_pod`` is
+        # the copy read right after creation, still Pending: read the pod again so that the failure
+        # is classified (and the pod kept or deleted) by its real state.
         remote_pod = self._refreshed(remote_pod)
         self._last_remote_pod = remote_pod
         super().cleanup(pod=pod, remote_pod=remote_pod, xcom_result=xcom_result, context=context)
 
+    # ------------------------------------------------------------------------------------- helpers
+
     def _refreshed(self, remote_pod: Any) -> Any:
+        from kubernetes.client.exceptions import ApiException
+
+        self._pod_gone = False
         phase = getattr(getattr(remote_pod, "status", None), "phase", None)
         if remote_pod is None or phase in ("Succeeded", "Failed"):
             return remote_pod
         try:
             return self.pod_manager.read_pod(remote_pod)
+        except ApiException as exc:
+            self._pod_gone = exc.status == 404
+            if not self._pod_gone:
+                self.log.warning("Could not re-read pod %s", remote_pod.metadata.name, exc_info=True)
+            return remote_pod
         except Exception:  # best effort: classify what we have
             self.log.warning("Could not re-read pod %s", remote_pod.metadata.name, exc_info=True)
             return remote_pod
 
-    def _attempt(self, context: Context, run: Any) -> Any:
-        from airflow.sdk.exceptions import TaskDeferred
+    def _attempt(self, context: Context, run: Any, event: dict[str, Any] | None = None) -> Any:
+        from airflow.sdk.exceptions import AirflowException, TaskDeferred
         from kubernetes.client.exceptions import ApiException
 
         self._last_remote_pod = None
         try:
-            return run()
+            outcome = run()
         except TaskDeferred:
             raise  # deferrable mode: the pod keeps running and the trigger watches it
+        except BudgetSpent as exc:
+            raise _task_timeout(self.execution_timeout, str(exc)) from None
         except ApiException as exc:
             refusal = refused_pod(exc)
-            if refusal is None:
+            if refusal is None or self._stopped_by_airflow:
+                self._stop_run_pods(context)
                 raise
             return self._after_failure(context, refusal, cause=None)
         except Exception as exc:
             interruption = _interruption(exc)
-            if interruption is not None:
-                # The pod operator's cleanup (a ``finally:``) raised "Pod ... returned a failure" for
-                # the still-running pod over a timeout or kill: delete the pod, re-raise the real cause.
-                self._delete_active_pod()
-                raise interruption from None
-            if self._last_remote_pod is None:
+            if interruption is not None or self._stopped_by_airflow:
+                # A timeout or kill, under the provider's own "Pod ... returned a failure" from its
+                # cleanup: stop the pod, re-raise the real cause.
+                self._stop_run_pods(context)
+                if interruption is not None:
+                    raise interruption from None
+                raise AirflowException(_STOPPED) from None
+            failure = self._failure(exc, event)
+            if failure is None:
+                self._stop_run_pods(context)
                 raise
-            failure = classify(self._last_remote_pod, self.base_container_name)
             return self._after_failure(context, failure, cause=exc)
         except BaseException:
-            self._delete_active_pod()  # timeouts and kills: the pod never outlives its task
+            self._stop_run_pods(context)  # timeouts and kills: the pod never outlives its task
             raise
+        if self._stopped_by_airflow:
+            raise AirflowException(_STOPPED)
+        return outcome
+
+    def _failure(self, exc: Exception, event: dict[str, Any] | None) -> PodFailure | None:
+        """What ended the pod: its last state, or what was last seen of it if it is gone."""
+        manager = self.pod_manager
+        if self._last_remote_pod is not None:
+            name = self._last_remote_pod.metadata.name
+            if self._pod_gone:
+                return classify_gone(manager.last_seen, manager.ran, name, self.base_container_name)
+            return classify(self._last_remote_pod, self.base_container_name)
+        if event is not None and isinstance(exc, PodNotFoundException):
+            return classify_gone(
+                event.get(LAST_SEEN_KEY),
+                bool(event.get(STARTED_KEY)),
+                event["name"],
+                self.base_container_name,
+            )
+        return None
 
     def _after_failure(self, context: Context, failure: PodFailure, cause: BaseException | None) -> Any:
-        """Apply ``after_pod_failure``: return ``_RELAUNCH``, or raise the error it chose."""
+        """Apply ``after_pod_failure``: return ``_RELAUNCH``, or stop the run's pod and raise."""
         from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-        relaunches = self._relaunch_count(context)
-        step = after_pod_failure(failure, relaunches, self.max_relaunches)
+        store = self._state_store(context)
+        state = RunState.load(store)
+        step = after_pod_failure(failure, state.relaunches, self.max_relaunches)
         if step.action is Action.RELAUNCH:
-            self._store_relaunch_count(context, relaunches + 1)
+            state.model_copy(update={"relaunches": state.relaunches + 1}).save(store)
             self.log.warning("%s", step.message)
             self.pod = self.pod_request_obj = self.remote_pod = None
+            self.pod_manager.last_seen, self.pod_manager.ran = None, False
             return _RELAUNCH
+        self._stop_run_pods(context)
         error = AirflowFailException if step.action is Action.FAIL_PERMANENTLY else AirflowException
         raise error(step.message) from cause
 
-    def _delete_active_pod(self) -> None:
-        pod = self.pod
-        if pod is None:
-            return
+    def _run_pods(self, context: Context) -> RunPods:
+        labels = pod_labels(self.pipeline, context["dag_run"].run_id)
+        return RunPods(
+            client=self.client,
+            namespace=self.namespace,
+            selector=",".join(f"{k}={v}" for k, v in sorted(labels.items())),
+            grace_seconds=int(self.termination_grace_period or 30),
+        )
+
+    def _stop_run_pods(self, context: Context) -> None:
+        """Delete the run's Pending or Running pods and wait for them: none outlives a failed task."""
         try:
-            remote = self.pod_manager.read_pod(pod)
-            if remote.status and remote.status.phase in ("Pending", "Running"):
-                self.log.warning("Deleting still-active pod %s", pod.metadata.name)
-                self.pod_manager.delete_pod(remote)
+            self._run_pods(context).stop_active()
         except Exception:  # best effort: on_kill and activeDeadlineSeconds back this up
-            self.log.exception("Could not delete pod %s", pod.metadata.name)
+            self.log.exception("Could not stop the pods of this run")
 
-    def _relaunch_count(self, context: Context) -> int:
-        value = context["ti"].xcom_pull(task_ids=self.task_id, key=RELAUNCH_KEY)
-        return int(value or 0)
-
-    def _store_relaunch_count(self, context: Context, count: int) -> None:
-        context["ti"].xcom_push(key=RELAUNCH_KEY, value=count)
+    def _state_store(self, context: Context) -> StateStore:
+        if self._store is None:
+            self._store = state_store(context)
+        return self._store
 
 
-RELAUNCH_KEY = "trainyard_relaunches"
 _RELAUNCH = object()
+_STOPPED = (
+    "train was stopped (SIGTERM, or marked failed) while its pod was training; the pod was deleted and "
+    "a retry resumes from the last checkpoint"
+)
+
+
+def _task_timeout(timeout: datetime.timedelta | None, detail: str | None = None) -> BaseException:
+    from airflow.sdk.exceptions import AirflowTaskTimeout
+
+    return AirflowTaskTimeout(
+        f"train ran past its execution_timeout ({timeout}); its pod was deleted"
+        + (f": {detail}" if detail else "")
+    )
 
 
 def _interruption(exc: BaseException) -> BaseException | None:

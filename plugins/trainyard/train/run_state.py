@@ -1,0 +1,73 @@
+"""What the ``train`` task remembers across the Airflow tries of one DAG run.
+
+XComs are cleared at the start of every try, so a relaunch count kept there bounds each try, not
+the run, and a pod created by a try that died is forgotten. Airflow's task state store is kept per
+task instance across tries; this is the one record Trainyard keeps in it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from pydantic import Field, ValidationError
+
+from trainer.spec import StrictModel
+
+STATE_KEY = "trainyard.train"
+
+log = logging.getLogger(__name__)
+
+
+class StateStore(Protocol):
+    """``context["task_state_store"]``: JSON values by key, kept across the tries of a task instance."""
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+
+    def set(self, key: str, value: Any) -> None: ...
+
+
+class MemoryStore:
+    """A store for one process, where Airflow gives none (an older Airflow, ``trainyard render``)."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, Any] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._values.get(key, default)
+
+    def set(self, key: str, value: Any) -> None:
+        self._values[key] = value
+
+
+class OwnedPod(StrictModel):
+    """The pod this run created last; a later try adopts a pod only if its UID is this one."""
+
+    namespace: str
+    name: str
+    uid: str
+
+
+class RunState(StrictModel):
+    relaunches: int = Field(0, ge=0, description="Pods relaunched after a disruption, in this DAG run.")
+    pod: OwnedPod | None = None
+
+    @classmethod
+    def load(cls, store: StateStore) -> RunState:
+        value = store.get(STATE_KEY)
+        if value is None:
+            return cls()
+        try:
+            return cls.model_validate(value)
+        except ValidationError:
+            # A record from another Trainyard version: forgetting it costs at most one extra relaunch.
+            log.warning("Ignoring an unreadable train state %r; starting afresh", value)
+            return cls()
+
+    def save(self, store: StateStore) -> None:
+        store.set(STATE_KEY, self.model_dump(mode="json"))
+
+
+def state_store(context: Any) -> StateStore:
+    store = context.get("task_state_store") if hasattr(context, "get") else None
+    return store if store is not None else MemoryStore()
