@@ -86,6 +86,11 @@ def test_a_champion_from_another_dataset_is_noted_in_the_audit(make_env):
     assert env.tags("2")["trainyard.champion_dataset_fingerprint"] == FP
     assert env.tags("1")["trainyard.champion_dataset_fingerprint"] == "none"
 
+    again = env.promote("r2", approved_fingerprint=other)  # a retry after the alias moved keeps the audit
+
+    assert again.champion_fingerprint == FP
+    assert env.tags("2")["trainyard.champion_dataset_fingerprint"] == FP
+
 
 def test_below_must_reach_rejected(make_env):
     env = make_env(must_reach=0.7)

@@ -98,6 +98,7 @@ def promote(
         recorded = Audit.from_tags(registry.version_tags(client, name, version))
         champion_version = None if recorded is None else recorded.champion_version
         champion_value = None if recorded is None else recorded.champion_value
+        champion_fingerprint = None if recorded is None else recorded.champion_fingerprint
         promoted = True
         reason = (
             recorded.reason if recorded and recorded.reason else f"v{version} already holds alias '{alias}'"
