@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.promote.store import Env, open_store
+from tests.support.mlflow_store import Env, open_store
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from tests.promote.store import FP, NOW, OTHER_FP
+from tests.support.mlflow_store import FP, NOW, OTHER_FP
 from trainyard.promote import registry
 from trainyard.promote.audit import (
     AUDIT_TAGS,

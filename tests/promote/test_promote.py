@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.promote.store import FP, OTHER_FP, tiny_model
+from tests.support.mlflow_store import FP, OTHER_FP, tiny_model
 from trainyard.promote.promote import PromotionRefused
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.promote.store import FP
+from tests.support.mlflow_store import FP
 from trainyard.config.loading import load_environment, load_pipeline
 from trainyard.promote.promote import PromotionRefused, promote
 

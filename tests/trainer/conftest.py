@@ -9,7 +9,7 @@ import pytest
 from tests.support.s3 import CREDENTIALS, MotoS3
 from tests.support.synthetic_data import write_long_splits, write_splits
 from tests.support.tiny_model import build_tiny_model
-from tests.trainer.runs import SHORT_POSITIONS
+from tests.support.trainer_runs import SHORT_POSITIONS
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from tests.support.s3 import CREDENTIALS
-from tests.trainer.runs import (
+from tests.support.trainer_runs import (
     TIMEOUT_S,
     child_env,
     make_spec,

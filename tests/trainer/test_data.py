@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.synthetic_data import sentiment_rows, write_csv, write_parquet
-from tests.trainer.runs import child_env, make_spec, run_trainer
+from tests.support.trainer_runs import child_env, make_spec, run_trainer
 from trainer.spec import DataSpec, RunSpec
 from trainer.storage import dataset_fingerprint
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.trainer.runs import child_env, make_spec
+from tests.support.trainer_runs import child_env, make_spec
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.trainer.runs import child_env, make_spec, trainer_command
+from tests.support.trainer_runs import child_env, make_spec, trainer_command
 
 
 def test_sigterm_before_training_exits_promptly(tmp_path, tiny_model, splits):

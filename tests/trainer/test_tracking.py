@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.synthetic_data import unpunctuated_text
-from tests.trainer.runs import (
+from tests.support.trainer_runs import (
     SHORT_POSITIONS,
     child_env,
     long_spec,

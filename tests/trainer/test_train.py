@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.s3 import CREDENTIALS
 from tests.support.synthetic_data import unpunctuated_text
-from tests.trainer.runs import (
+from tests.support.trainer_runs import (
     TIMEOUT_S,
     child_env,
     long_spec,

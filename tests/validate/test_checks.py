@@ -13,8 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.support.synthetic_data import write_csv, write_splits
-from tests.validate.datasets import (
+from tests.support.datasets import (
     LABELS,
     check,
     failed,
@@ -23,6 +22,7 @@ from tests.validate.datasets import (
     validation_rows,
     write,
 )
+from tests.support.synthetic_data import write_csv, write_splits
 from trainer.storage import dataset_fingerprint
 from trainyard.config.pipeline_schema import DataChecks
 from trainyard.validate.checks import CHECK_NAMES, FRACTION_CHECKS

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
+from tests.support.datasets import spec_for, train_rows
 from tests.support.synthetic_data import write_parquet, write_splits
-from tests.validate.datasets import spec_for, train_rows
 from trainer.storage import dataset_fingerprint
 from trainyard.config.pipeline_schema import DataChecks
 from trainyard.validate.dataset import validate_dataset

@@ -8,8 +8,8 @@ import pickle
 
 import pytest
 
+from tests.support.datasets import check, failed, spec_for, train_rows, validation_rows, write
 from tests.support.synthetic_data import write_csv
-from tests.validate.datasets import check, failed, spec_for, train_rows, validation_rows, write
 from trainyard.config.pipeline_schema import DataChecks
 from trainyard.validate.dataset import validate_dataset
 from trainyard.validate.report import DataReport, DataValidationError, require_valid

@@ -16,10 +16,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from tests.support.datasets import LABELS, check, failed, spec_for, train_rows, validation_rows, write
 from tests.support.paths import ROOT
 from tests.support.s3 import CREDENTIALS, MotoS3
 from tests.support.synthetic_data import write_csv, write_splits
-from tests.validate.datasets import LABELS, check, failed, spec_for, train_rows, validation_rows, write
 from trainer.storage import dataset_fingerprint
 from trainyard.config.pipeline_schema import DataChecks
 from trainyard.validate.dataset import validate_dataset
