@@ -20,7 +20,7 @@ export TOKENIZERS_PARALLELISM := false
 
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-fast test-system lint format bench mlflow-ui clean
+.PHONY: help setup demo test test-fast test-lifecycle test-system lint format bench mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,11 +45,14 @@ demo: setup ## run the tweet-sentiment pipeline end to end on this machine (~5-1
 	@echo; echo "================ Trainyard demo summary ================"
 	@$(BIN)/trainyard summary tweet-sentiment
 
-test: setup ## run the test suite (everything but the system tests; ~10 min on 2 cores)
-	$(BIN)/python -m pytest -m "not system" $(PYTEST_ARGS)
+test: setup ## run the test suite (all but the system and pod-lifecycle tests; ~14 min on 2 cores)
+	$(BIN)/python -m pytest -m "not system and not pod_lifecycle" $(PYTEST_ARGS)
 
 test-fast: setup ## the tests without the slow end-to-end ones (~2 min)
 	$(BIN)/python -m pytest -m "not slow and not system" $(PYTEST_ARGS)
+
+test-lifecycle: setup ## the train pod's lifecycle against the emulator, sync and deferrable (~10 min)
+	$(BIN)/python -m pytest -m pod_lifecycle $(PYTEST_ARGS)
 
 test-system: setup ## system tests: real Airflow services, MLflow server, S3 and the Kubernetes emulator
 	$(BIN)/python -m pytest -m system $(PYTEST_ARGS)

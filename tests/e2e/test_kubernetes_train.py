@@ -17,35 +17,29 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
+from tests.support.k8s_cluster import (
+    BUCKET,
+    MLFLOW_SECRET,
+    PIPELINE,
+    PRIORITY_CLASS,
+    S3_SECRET,
+    SECRET_VALUE,
+    STARTUP_TIMEOUT,
+    open_cluster,
+    running_pod,
+    step_logged,
+    trainer_processes,
+    wait_until,
+)
 from tests.support.k8s_emulator import KubernetesEmulator
-from tests.support.paths import DAGS, ROOT
-from tests.support.pipelines import tiny_pipeline
-from tests.support.s3 import CREDENTIALS, MotoS3
-from tests.support.synthetic_data import write_splits
-from tests.support.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.slow
-
-PIPELINE = "tiny-k8s"
-PRIORITY_CLASS = "trainyard-test-low"
-IMAGE = "ghcr.io/trainyard/trainer:0.1.0-test"
-SECRET_VALUE = "tySecr3t-7c4e9a1f0b2d-never-in-specs-logs-or-mlflow"
-S3_SECRET = "trainyard-test-s3"
-MLFLOW_SECRET = "trainyard-test-mlflow"
-STARTUP_TIMEOUT = 300
-RUN_TIMEOUT = 300
 
 # scenario (= environment name) -> namespace
 MAIN, OOM, NO_PRIORITY, QUOTA, TIMEOUT = "k8s-test", "k8s-oom", "k8s-noprio", "k8s-quota", "k8s-timeout"
@@ -63,187 +57,6 @@ NAMESPACES = {
 MISSING_IMAGE = "ghcr.io/trainyard/does-not-exist:0.1.0"
 QUOTA_NAME = "gpu-quota"
 MISSING_PRIORITY_CLASS = "trainyard-missing-class"
-BUCKET = "trainyard-k8s"
-
-
-def _pipeline_yaml(model_dir: str) -> dict:
-    return tiny_pipeline(
-        PIPELINE,
-        model_dir,
-        description="Tiny BERT on synthetic sentiment, trained in an emulated Kubernetes pod.",
-        training={
-            "epochs": 1,
-            "max_steps": 200,
-            "batch_size": 16,
-            "learning_rate": 1e-3,
-            "checkpoint_every_steps": 10,
-        },
-        # The emulator admits extended resources (no scheduling against node capacity), so ask for a
-        # GPU like a real pipeline; the trainer falls back to fp32 on CPU.
-        resources={"gpus": 1, "cpu": "1", "memory": "2Gi", "shm_size": "256Mi"},
-    )
-
-
-def _environment(home: Path, namespace: str, s3_endpoint: str, **kubernetes: Any) -> dict:
-    airflow = {"execution_timeout_minutes": kubernetes.pop("execution_timeout_minutes", 10)}
-    models_root = kubernetes.pop("models_root", f"s3://{BUCKET}/models")
-    return {
-        "launcher": "kubernetes",
-        "airflow": {"schedules_enabled": False, "retries": 0, "retry_delay_minutes": 0, **airflow},
-        "mlflow": {
-            "tracking_uri": f"sqlite:///{home}/mlflow.db",
-            "artifact_location": str(home / "mlartifacts"),
-            "experiment_name": "{environment}/{pipeline}",
-            "registered_model_name": "{environment}.{pipeline}",
-        },
-        "storage": {
-            # Data and models in object storage (moto), as pods need; the emulator's pods share this
-            # machine's disk, so checkpoints can stay local and be inspected by the tests.
-            "data_root": f"s3://{BUCKET}/data",
-            "models_root": models_root,
-            "checkpoint_root": str(home / "checkpoints"),
-            "s3_endpoint_url": s3_endpoint,
-        },
-        "kubernetes": {
-            "namespace": namespace,
-            "image": IMAGE,
-            "service_account": "trainyard-trainer",
-            "priority_class": PRIORITY_CLASS,
-            "secrets": {
-                "env_from": [S3_SECRET],
-                "env": {"MLFLOW_TRACKING_TOKEN": {"secret": MLFLOW_SECRET, "key": "token"}},
-            },
-            "caps": {"gpus": 1, "cpu": "2", "memory": "4Gi", "shm_size": "1Gi"},
-            "startup_timeout_seconds": STARTUP_TIMEOUT,
-            "termination_grace_period_seconds": 10,
-            "max_preemption_relaunches": 2,
-            "deferrable": False,
-            "on_finish_action": "keep_pod",  # the tests read the pods' labels and logs afterwards
-            **kubernetes,
-        },
-    }
-
-
-@dataclass
-class Cluster:
-    emulator: KubernetesEmulator
-    env: dict[str, str]
-    home: Path
-    outputs: list[str] = field(default_factory=list)  # every `airflow dags test` output
-
-    def posts(self, namespace: str) -> int:
-        return sum(
-            1
-            for method, path in self.emulator.requests_log
-            if method == "POST" and path.split("?")[0] == f"/api/v1/namespaces/{namespace}/pods"
-        )
-
-    def deletes(self, namespace: str) -> list[str]:
-        prefix = f"/api/v1/namespaces/{namespace}/pods/"
-        return [path for method, path in self.emulator.requests_log if method == "DELETE" and prefix in path]
-
-    def mlflow(self):
-        from mlflow.tracking import MlflowClient
-
-        return MlflowClient(tracking_uri=f"sqlite:///{self.home}/mlflow.db")
-
-    def runs(self, environment: str) -> list:
-        client = self.mlflow()
-        experiment = client.get_experiment_by_name(f"{environment}/{PIPELINE}")
-        if experiment is None:
-            return []
-        return client.search_runs([experiment.experiment_id])
-
-    def checkpoints(self) -> list[Path]:
-        return sorted((self.home / "checkpoints" / PIPELINE).glob("*/*/checkpoint-*/trainer_state.json"))
-
-    def start(self, environment: str, conf: dict | None = None) -> DagTest:
-        return DagTest(self, environment, conf)
-
-
-class DagTest:
-    """``airflow dags test`` in the background; output to a file (no pipe to fill up)."""
-
-    def __init__(self, cluster: Cluster, environment: str, conf: dict | None) -> None:
-        self.cluster = cluster
-        self.log_path = cluster.home / f"airflow-{environment}-{time.monotonic_ns()}.log"
-        argv = [sys.executable, "-m", "airflow", "dags", "test", PIPELINE]
-        if conf is not None:
-            argv += ["-c", json.dumps(conf)]
-        self._log = self.log_path.open("wb")
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            argv,
-            env={**cluster.env, "TRAINYARD_ENV": environment},
-            cwd=ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"airflow dags test ended early:\n{self.output()[-4000:]}")
-
-    def finish(self, timeout: float = RUN_TIMEOUT) -> tuple[int, str, float]:
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            raise AssertionError(f"airflow dags test ran over {timeout}s:\n{self.output()[-4000:]}") from None
-        finally:
-            self._log.close()
-        elapsed = time.monotonic() - self.started
-        output = self.output()
-        self.cluster.outputs.append(output)
-        return code, output, elapsed
-
-
-def _wait_until(condition, timeout: float, what: str, run: DagTest | None = None, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if run is not None:
-            run.check_alive()
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def _running_pod(cluster: Cluster, namespace: str, run: DagTest) -> dict:
-    def running() -> dict | None:
-        pods = [p for p in cluster.emulator.pods(namespace) if p["status"].get("phase") == "Running"]
-        return pods[-1] if pods else None
-
-    return _wait_until(running, 120, f"a running pod in {namespace}", run)
-
-
-def _step_logged(cluster: Cluster, namespace: str, name: str) -> bool:
-    """The trainer logged a training step ("step N/M ... loss ...")."""
-    return any(
-        " step " in line and " loss " in line for line in cluster.emulator.logs(namespace, name).splitlines()
-    )
-
-
-def _trainer_processes(home: Path) -> list[int]:
-    """Live processes whose command line mentions this test's TRAINYARD_HOME (the pod's trainer)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if "-m trainer" in cmdline and str(home) in cmdline and state != "Z":
-            found.append(int(proc.name))
-    return found
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -251,70 +64,27 @@ def _trainer_processes(home: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, airflow_db):
-    home = tmp_path_factory.mktemp("trainyard-k8s-home")
-    write_splits(home / "data" / "tiny", train_rows=320, validation_rows=80)
-    build_tiny_model(home / "models" / "tiny-bert")
-    with MotoS3(BUCKET) as s3:
-        s3.upload_tree(home / "data", f"s3://{BUCKET}/data")
-        s3.upload_tree(home / "models", f"s3://{BUCKET}/models")
-        yield from _cluster(tmp_path_factory, home, s3.endpoint)
-
-
-def _cluster(tmp_path_factory, home: Path, s3_endpoint: str):
-    pipelines = tmp_path_factory.mktemp("k8s-pipelines")
-    (pipelines / f"{PIPELINE}.yaml").write_text(yaml.safe_dump(_pipeline_yaml("tiny-bert"), sort_keys=False))
-    environments = tmp_path_factory.mktemp("k8s-environments")
-    for real in (DAGS / "environments").glob("*.yaml"):  # pipelines validate overrides against known envs
-        shutil.copy(real, environments / real.name)
-    specific: dict[str, dict[str, Any]] = {
-        MAIN: {},
-        OOM: {},
-        NO_PRIORITY: {"priority_class": MISSING_PRIORITY_CLASS},
-        QUOTA: {},
+    scenarios: dict[str, tuple[str, dict[str, Any]]] = {
+        MAIN: (NAMESPACES[MAIN], {}),
+        OOM: (NAMESPACES[OOM], {}),
+        NO_PRIORITY: (NAMESPACES[NO_PRIORITY], {"priority_class": MISSING_PRIORITY_CLASS}),
+        QUOTA: (NAMESPACES[QUOTA], {}),
         # dev's on_finish_action: a pod that did not succeed is kept, so deleting it on timeout is
         # the operator's own doing.
-        TIMEOUT: {"execution_timeout_minutes": 0.15, "on_finish_action": "delete_succeeded_pod"},
-        BAD_IMAGE: {"image": MISSING_IMAGE},
-        NO_MODEL: {"models_root": f"s3://{BUCKET}/no-models"},  # the trainer exits 3: no base model
-        EVICT: {"max_preemption_relaunches": 1},
+        TIMEOUT: (
+            NAMESPACES[TIMEOUT],
+            {"execution_timeout_minutes": 0.15, "on_finish_action": "delete_succeeded_pod"},
+        ),
+        BAD_IMAGE: (NAMESPACES[BAD_IMAGE], {"image": MISSING_IMAGE}),
+        # the trainer exits 3: no base model
+        NO_MODEL: (NAMESPACES[NO_MODEL], {"models_root": f"s3://{BUCKET}/no-models"}),
+        EVICT: (NAMESPACES[EVICT], {"max_preemption_relaunches": 1}),
     }
-    for name, extra in specific.items():
-        (environments / f"{name}.yaml").write_text(
-            yaml.safe_dump(_environment(home, NAMESPACES[name], s3_endpoint, **extra), sort_keys=False)
-        )
 
-    with KubernetesEmulator() as emulator:
-        for namespace in NAMESPACES.values():
-            emulator.add_namespace(namespace)
-            emulator.add_secret(
-                namespace,
-                S3_SECRET,
-                {
-                    "AWS_ACCESS_KEY_ID": "test-key-id",
-                    "AWS_SECRET_ACCESS_KEY": SECRET_VALUE,
-                    "AWS_DEFAULT_REGION": "us-east-1",
-                },
-            )
-            emulator.add_secret(namespace, MLFLOW_SECRET, {"token": SECRET_VALUE})
-        emulator.add_priority_class(PRIORITY_CLASS, 1000)
+    def setup(emulator: KubernetesEmulator) -> None:
         emulator.add_resource_quota(NAMESPACES[QUOTA], QUOTA_NAME, {"requests.nvidia.com/gpu": "0"})
-        kubeconfig = emulator.write_kubeconfig(home / "kubeconfig")
-        connection = {
-            "conn_type": "kubernetes",
-            "extra": {"kube_config_path": str(kubeconfig), "in_cluster": False},
-        }
-        env = {
-            **os.environ,
-            "TRAINYARD_HOME": str(home),
-            "TRAINYARD_PIPELINES_DIR": str(pipelines),
-            "TRAINYARD_ENVIRONMENTS_DIR": str(environments),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
-            "AIRFLOW_CONN_KUBERNETES_DEFAULT": json.dumps(connection),
-            "OMP_NUM_THREADS": "1",
-            **CREDENTIALS,  # validate_data reads the data from S3 on the Airflow side
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-        }
-        yield Cluster(emulator=emulator, env=env, home=home)
+
+    yield from open_cluster(tmp_path_factory, scenarios, setup)
 
 
 @dataclass
@@ -332,12 +102,12 @@ def preempted_run(cluster) -> PreemptedRun:
     """One DAG run whose first pod is preempted after its first checkpoint (shared by two tests)."""
     namespace = NAMESPACES[MAIN]
     run = cluster.start(MAIN)
-    first = _running_pod(cluster, namespace, run)
+    first = running_pod(cluster, namespace, run)
     name = first["metadata"]["name"]
-    environ = _wait_until(
+    environ = wait_until(
         lambda: cluster.emulator.process_environ(namespace, name), 30, "the trainer's process"
     )
-    checkpoints = _wait_until(cluster.checkpoints, 120, "a first checkpoint", run, interval=0.02)
+    checkpoints = wait_until(cluster.checkpoints, 120, "a first checkpoint", run, interval=0.02)
     step_before = int(checkpoints[-1].parent.name.split("-")[1])
     preempted = cluster.emulator.preempt(namespace, name)
     code, output, elapsed = run.finish()
@@ -356,15 +126,18 @@ def test_preempted_pod_is_relaunched_and_resumes_the_same_mlflow_run(cluster, pr
 
     # Relaunched once, inside the same Airflow try.
     assert cluster.posts(namespace) == 2
-    pods = {p["metadata"]["name"]: p for p in cluster.emulator.pods(namespace)}
-    assert len(pods) == 2
-    first = pods.pop(run.preempted["metadata"]["name"])
-    (second,) = pods.values()
-    for pod in (first, second):
+    admitted = [p for p in cluster.emulator.admitted_pods() if p["metadata"]["namespace"] == namespace]
+    first, second = admitted
+    assert first["metadata"]["name"] == run.preempted["metadata"]["name"]
+    for pod in admitted:
         assert pod["metadata"]["labels"]["try_number"] == "1"
         assert pod["metadata"]["labels"]["dag_id"] == PIPELINE
         assert pod["spec"]["priorityClassName"] == PRIORITY_CLASS
-    assert first["status"]["phase"] == "Failed" and second["status"]["phase"] == "Succeeded"
+    # The scheduler deleted the preempted pod (it was Failed when last read); the second succeeded.
+    assert run.preempted["status"]["phase"] == "Failed"
+    assert [(p["metadata"]["name"], p["status"]["phase"]) for p in cluster.emulator.pods(namespace)] == [
+        (second["metadata"]["name"], "Succeeded")
+    ]
     assert "Relaunching (1/2, no Airflow retry used)" in run.output
     assert "was preempted by the cluster (PreemptionByScheduler)" in run.output
 
@@ -437,9 +210,9 @@ def test_secrets_never_appear_in_pod_specs_logs_or_mlflow(cluster, preempted_run
 def test_oom_killed_trainer_fails_without_relaunch(cluster):
     namespace = NAMESPACES[OOM]
     run = cluster.start(OOM)
-    pod = _running_pod(cluster, namespace, run)
+    pod = running_pod(cluster, namespace, run)
     name = pod["metadata"]["name"]
-    _wait_until(lambda: _step_logged(cluster, namespace, name), 120, "a training step", run)
+    wait_until(lambda: step_logged(cluster, namespace, name), 120, "a training step", run)
     killed = cluster.emulator.oom_kill(namespace, name)
     code, output, _ = run.finish()
 
@@ -458,12 +231,12 @@ def test_evictions_beyond_the_relaunch_limit_fail_the_task(cluster):
     namespace = NAMESPACES[EVICT]
     run = cluster.start(EVICT)
     for attempt in range(2):  # max_preemption_relaunches is 1: the second eviction is one too many
-        pod = _running_pod(cluster, namespace, run)
+        pod = running_pod(cluster, namespace, run)
         name = pod["metadata"]["name"]
-        _wait_until(lambda name=name: _step_logged(cluster, namespace, name), 120, "a training step", run)
+        wait_until(lambda name=name: step_logged(cluster, namespace, name), 120, "a training step", run)
         cluster.emulator.evict(namespace, name)
         if attempt == 0:
-            _wait_until(lambda: cluster.posts(namespace) == 2, 60, "the relaunched pod", run)
+            wait_until(lambda: cluster.posts(namespace) == 2, 60, "the relaunched pod", run)
     code, output, _ = run.finish()
     assert code != 0
     assert "Relaunching (1/1, no Airflow retry used)" in output, output[-6000:]
@@ -531,7 +304,7 @@ def test_quota_exceeded_fails_fast_naming_the_quota(cluster):
 def test_timed_out_task_deletes_its_pod(cluster):
     namespace = NAMESPACES[TIMEOUT]
     run = cluster.start(TIMEOUT, conf={"max_steps": 1_000_000})
-    pod = _running_pod(cluster, namespace, run)
+    pod = running_pod(cluster, namespace, run)
     name = pod["metadata"]["name"]
     code, output, _ = run.finish()
     assert code != 0
@@ -545,8 +318,8 @@ def test_timed_out_task_deletes_its_pod(cluster):
         cluster.emulator.requests_log[-20:]
     )
     # The emulated kubelet stops the process (SIGTERM, grace period) and the pod disappears.
-    _wait_until(lambda: cluster.emulator.pod(namespace, name) is None, 30, "the pod to be gone")
-    _wait_until(lambda: not _trainer_processes(cluster.home), 30, "no trainer process left running")
+    wait_until(lambda: cluster.emulator.pod(namespace, name) is None, 30, "the pod to be gone")
+    wait_until(lambda: not trainer_processes(cluster.home), 30, "no trainer process left running")
     assert cluster.posts(namespace) == 1
 
 

@@ -71,6 +71,7 @@ class RunPods:
     namespace: str
     selector: str
     grace_seconds: int
+    margin: float = 60  # beyond the grace period, for the kubelet to report and the API to remove
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
 
@@ -121,7 +122,7 @@ class RunPods:
         """Until no pod of these names exists: a terminating pod may still be training."""
         if not names:
             return
-        deadline = self.clock() + self.grace_seconds + 60
+        deadline = self.clock() + self.grace_seconds + self.margin
         remaining = set(names)
         while remaining:
             remaining &= {pod.metadata.name for pod in self.list()}
@@ -129,8 +130,8 @@ class RunPods:
                 return
             if self.clock() >= deadline:
                 raise PodNotGone(
-                    f"pod(s) {', '.join(sorted(remaining))} of this run are still there "
-                    f"{self.grace_seconds + 60}s after deletion; not starting another beside them"
+                    f"pod(s) {', '.join(sorted(remaining))} of this run still there "
+                    f"{self.grace_seconds + self.margin:.0f}s after deletion; not starting another beside it"
                 )
             self.sleep(1.0)
 

@@ -48,14 +48,23 @@ What is real and what is emulated (modules in brackets):
   that block-buffers its stdout, as Python does without a TTY, shows its lines late, as in a real
   container); ``sinceSeconds``, ``tailLines``, ``timestamps`` and ``follow`` are served, other log
   options are a 400.
-* **Disruptions** for tests: :meth:`~KubernetesEmulator.preempt`, :meth:`~KubernetesEmulator.evict`,
+* **Disruptions** for tests, as the cluster component that causes each does them:
+  :meth:`~KubernetesEmulator.preempt` (kube-scheduler: ``DisruptionTarget``, then a graceful
+  DELETE), :meth:`~KubernetesEmulator.drain` (the Eviction API), :meth:`~KubernetesEmulator.kueue_stop`
+  (``TerminationTarget``, then DELETE), :meth:`~KubernetesEmulator.evict` (node pressure: the pod
+  stays, Failed with reason ``Evicted``), :meth:`~KubernetesEmulator.vanish` (force delete),
   :meth:`~KubernetesEmulator.oom_kill`; ``activeDeadlineSeconds`` is enforced (``DeadlineExceeded``).
-  A preempted / evicted pod stays visible in phase ``Failed`` (as if a finalizer held it) so the
-  operator and the test can read its final status; a real scheduler would also delete it.
+  A deleted pod stays readable while its process stops (phase Running with a
+  ``deletionTimestamp``) and for a moment in its final phase (:meth:`set_deleted_pod_linger`), then
+  404s; its log stays available to tests. :meth:`~KubernetesEmulator.hold_scheduling` keeps new pods
+  Pending (``Unschedulable``, as with no free GPU); :meth:`~KubernetesEmulator.lose_create_responses`
+  answers an admitted create with 504; :meth:`~KubernetesEmulator.container_runs` lists every
+  process with its start and end, so a test can prove two never overlapped.
 
 Not emulated: ``exec``/``attach``/``portforward`` (so no ``do_xcom_push`` sidecar), the Eviction API
-endpoint, ``dryRun``, container restarts (every ``restartPolicy`` behaves like ``Never``), scheduling
-against node capacity, ConfigMaps, Services, and reading namespaces, PriorityClasses or
+endpoint (``drain`` does what it does), ``dryRun``, container restarts (every ``restartPolicy``
+behaves like ``Never``), scheduling against node capacity (``hold_scheduling`` stands in),
+ConfigMaps, Services, and reading namespaces, PriorityClasses or
 ResourceQuotas through the API (tests create them with ``add_*``; admission enforces them).
 
 Tests observe the cluster only through :class:`KubernetesEmulator`'s public methods

@@ -211,8 +211,9 @@ class KubernetesEmulator:
             ]
 
     def logs(self, namespace: str, name: str) -> str:
+        """The container's log; for a deleted pod too (the API answers 404; a log collector would not)."""
         with self._store.lock:
-            runtime = self._store.pods.get((namespace, name))
+            runtime = self._store.pods.get((namespace, name)) or self._store.removed.get((namespace, name))
             if runtime is None:
                 raise KeyError(f"{namespace}/{name}")
             return b"".join(line for _, line in runtime.run.lines).decode("utf-8", "replace")
@@ -288,9 +289,7 @@ class KubernetesEmulator:
     def delete_pod(self, namespace: str, name: str, grace: float | None = None) -> dict:
         return self._api.delete_pod(namespace, name, grace)
 
-    def preempt(
-        self, namespace: str, name: str, grace_seconds: float | None = None, delete: bool = False
-    ) -> dict:
+    def preempt(self, namespace: str, name: str, grace_seconds: float | None = None) -> dict:
         """Preempt a running pod as kube-scheduler does: DisruptionTarget, then a graceful DELETE.
 
         The pod is SIGTERMed, SIGKILLed after the grace period, and removed once its process has ended
@@ -306,7 +305,7 @@ class KubernetesEmulator:
                 "preempting to accommodate a higher priority pod",
             ),
             event=("Preempted", f"Preempted by pod {uuid.uuid4()} on node {NODE_NAME}", "Normal"),
-            delete=delete,
+            delete=True,
         )
 
     def drain(self, namespace: str, name: str, grace_seconds: float | None = None) -> dict:

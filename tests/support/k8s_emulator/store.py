@@ -77,6 +77,7 @@ class Store:
         self.secrets: dict[str, dict[str, dict[str, str]]] = {}  # namespace -> name -> plain data
         self.pvcs: dict[tuple[str, str], Path] = {}
         self.pods: dict[tuple[str, str], PodRuntime] = {}
+        self.removed: dict[tuple[str, str], PodRuntime] = {}  # deleted pods, for their logs only
         self.events: list[dict] = []
         self.changes: list[tuple[int, str, str, dict]] = []  # (rv, resource, type, object snapshot)
         # What tests ask about afterwards (see KubernetesEmulator's hooks).
@@ -86,7 +87,7 @@ class Store:
         self.admitted_pods: list[dict] = []
         # How the cluster behaves (see KubernetesEmulator's setters).
         self.scheduling_held = False  # no free GPU: new pods stay Pending, Unschedulable
-        self.deleted_pod_linger = 0.0  # s a deleted pod stays readable after its process ended
+        self.deleted_pod_linger = 1.0  # s a deleted pod stays readable after its process ended
         self.lose_create_responses = 0  # admitted creates answered 504, as an overloaded API server can
         # Each container process: pod uid, name, labels, monotonic start and end (None while running).
         self.container_runs: list[dict] = []
@@ -114,6 +115,7 @@ class Store:
         runtime.gone = True
         if self.pods.get(runtime.key) is runtime:
             del self.pods[runtime.key]
+            self.removed[runtime.key] = runtime
         runtime.obj["metadata"]["resourceVersion"] = self.bump()
         self.record("pods", "DELETED", runtime.obj)
 
