@@ -7,6 +7,7 @@ package, so a subpackage missing from the list passes every other test and break
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -78,13 +79,21 @@ def test_a_wheel_holds_every_module_and_each_imports_from_a_fresh_venv(tmp_path)
     )
     assert installed.returncode == 0, installed.stderr[-3000:]
 
+    # Nothing but the fresh venv's own site-packages (and the .pth above) may supply a module.
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     code = (
         "import importlib, json, sys\n"
         "files = {m: importlib.import_module(m).__file__ for m in sys.argv[1:]}\n"
         "print(json.dumps(files))\n"
     )
     done = subprocess.run(
-        [python, "-c", code, *modules], check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path
+        [python, "-c", code, *modules],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=clean,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     files = json.loads(done.stdout.strip().splitlines()[-1])
@@ -94,6 +103,6 @@ def test_a_wheel_holds_every_module_and_each_imports_from_a_fresh_venv(tmp_path)
     script = venv / "bin" / "trainyard"
     assert script.exists(), "the wheel installs no `trainyard` command"
     usage = subprocess.run(
-        [script, "--help"], check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path
+        [script, "--help"], check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=clean
     )
     assert usage.returncode == 0 and "lint" in usage.stdout, usage.stderr[-2000:]

@@ -47,7 +47,7 @@ def _scenario(name: str, **extra: Any) -> dict[str, tuple[str, dict[str, Any]]]:
 
 SCENARIOS: dict[str, tuple[str, dict[str, Any]]] = {
     **_scenario("disrupt"),
-    **_scenario("pending", startup_timeout_seconds=5, retries=1),
+    **_scenario("pending", startup_timeout_seconds=10, retries=1),
     **_scenario("sigterm"),
     **_scenario("budget", execution_timeout_minutes=1),
     **_scenario("perrun", max_preemption_relaunches=1, retries=1),
