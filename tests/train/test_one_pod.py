@@ -14,7 +14,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from tests.support.k8s_emulator import KubernetesEmulator
-from trainyard.train.budget import BudgetSpent, seconds_left
+from trainyard.train.budget import BudgetSpent, deadline_for, seconds_left
 from trainyard.train.one_pod import LAUNCH_ANNOTATION, PodNotGone, RunPods, adoptable, new_launch_id
 from trainyard.train.run_state import STATE_KEY, MemoryStore, OwnedPod, RunState
 
@@ -165,21 +165,24 @@ def test_the_run_state_round_trips_and_an_unreadable_one_starts_afresh(caplog):
 
 
 START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+TEN_MINUTES = timedelta(minutes=10)
 
 
 @pytest.mark.parametrize(
     ("started", "timeout", "now", "left"),
     [
         (START, None, START, None),
-        (START, timedelta(minutes=10), START, 600),
-        (START, timedelta(minutes=10), START + timedelta(seconds=599.5), "spent"),
-        (None, timedelta(minutes=10), START, 600),
-        (START, timedelta(minutes=10), START + timedelta(minutes=7), 180),
+        (START, TEN_MINUTES, START, 600),
+        (START, TEN_MINUTES, START + timedelta(minutes=7), 180),
+        (START, TEN_MINUTES, START + timedelta(seconds=599.5), "spent"),
+        (START, TEN_MINUTES, START + timedelta(minutes=11), "spent"),
+        (None, TEN_MINUTES, START, 600),  # no start date yet: the try starts now
     ],
 )
 def test_each_pod_gets_what_is_left_of_the_timeout(started, timeout, now, left):
+    deadline = deadline_for(started, timeout, now)
     if left == "spent":
         with pytest.raises(BudgetSpent, match="execution_timeout"):
-            seconds_left(started, timeout, now)
+            seconds_left(deadline, now)
     else:
-        assert seconds_left(started, timeout, now) == left
+        assert seconds_left(deadline, now) == left

@@ -20,7 +20,7 @@ from airflow.sdk import Context
 
 from trainyard.config.loading import ResolvedPipeline
 from trainyard.handoff import Approval, PipelineOperator
-from trainyard.train.budget import BudgetSpent, seconds_left
+from trainyard.train.budget import BudgetSpent, deadline_for, seconds_left
 from trainyard.train.one_pod import LAUNCH_ANNOTATION, RunPods, new_launch_id
 from trainyard.train.pod import launch_argv, pod_kwargs, pod_labels
 from trainyard.train.pod_failures import (
@@ -126,8 +126,8 @@ class KubernetesTrainOperator(KubernetesPodOperator):
 
     def build_pod_request_obj(self, context: Context | None = None, *, dry_run: bool = False) -> Any:
         pod = super().build_pod_request_obj(context, dry_run=dry_run)
-        started = getattr(context["ti"], "start_date", None) if context else None
-        left = seconds_left(started, self.execution_timeout, datetime.datetime.now(datetime.UTC))
+        deadline = self._deadline(context) if context and not dry_run else None
+        left = seconds_left(deadline, _now())
         if left is not None:
             pod.spec.active_deadline_seconds = min(left, pod.spec.active_deadline_seconds or left)
         return pod
@@ -155,6 +155,13 @@ class KubernetesTrainOperator(KubernetesPodOperator):
     ) -> Any:
         if type(trigger) is KubernetesPodTrigger:
             trigger = TrainPodTrigger(**trigger.serialize()[1])
+        deadline = self._deadline(None)
+        if deadline is not None:
+            # The provider anchors the trigger's deadline on the task instance's start date, which a
+            # resumed (and relaunching) task does not always keep: use the try's own deadline.
+            kwargs_ = {**(trigger.trigger_kwargs or {}), "_execution_deadline": int(deadline.timestamp())}
+            trigger.trigger_kwargs = kwargs_
+            timeout = deadline - _now() + datetime.timedelta(seconds=max(60, int(self.poll_interval * 2)))
         return super().defer(trigger=trigger, method_name=method_name, kwargs=kwargs, timeout=timeout)
 
     def cleanup(
@@ -275,6 +282,22 @@ class KubernetesTrainOperator(KubernetesPodOperator):
         except Exception:  # best effort: on_kill and activeDeadlineSeconds back this up
             self.log.exception("Could not stop the pods of this run")
 
+    def _deadline(self, context: Context | None) -> datetime.datetime | None:
+        """When this try's ``execution_timeout`` ends, fixed at the first look and kept in the run state."""
+        if context is not None:
+            self._context = context
+        context = getattr(self, "_context", None)
+        if context is None or self.execution_timeout is None:
+            return None
+        store = self._state_store(context)
+        state = RunState.load(store)
+        try_number = context["ti"].try_number
+        if state.try_number == try_number and state.deadline is not None:
+            return state.deadline
+        deadline = deadline_for(getattr(context["ti"], "start_date", None), self.execution_timeout, _now())
+        state.model_copy(update={"try_number": try_number, "deadline": deadline}).save(store)
+        return deadline
+
     def _state_store(self, context: Context) -> StateStore:
         if self._store is None:
             self._store = state_store(context)
@@ -282,6 +305,12 @@ class KubernetesTrainOperator(KubernetesPodOperator):
 
 
 _RELAUNCH = object()
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
 _STOPPED = (
     "train was stopped (SIGTERM, or marked failed) while its pod was training; the pod was deleted and "
     "a retry resumes from the last checkpoint"

@@ -8,6 +8,7 @@ task instance across tries; this is the one record Trainyard keeps in it.
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any, Protocol
 
 from pydantic import Field, ValidationError
@@ -51,6 +52,8 @@ class OwnedPod(StrictModel):
 class RunState(StrictModel):
     relaunches: int = Field(0, ge=0, description="Pods relaunched after a disruption, in this DAG run.")
     pod: OwnedPod | None = None
+    try_number: int | None = Field(None, description="The Airflow try the deadline belongs to.")
+    deadline: datetime | None = Field(None, description="When that try's execution_timeout ends.")
 
     @classmethod
     def load(cls, store: StateStore) -> RunState:
