@@ -136,21 +136,17 @@ class Cluster:
     def checkpoints(self) -> list[Path]:
         return sorted((self.home / "checkpoints" / PIPELINE).glob("*/*/checkpoint-*/trainer_state.json"))
 
-    def start(self, environment: str, conf: dict | None = None, logical_date: str | None = None) -> DagTest:
-        return DagTest(self, environment, conf, logical_date)
+    def start(self, environment: str, conf: dict | None = None) -> DagTest:
+        return DagTest(self, environment, conf)
 
 
 class DagTest:
     """``airflow dags test`` in the background; output to a file (no pipe to fill up)."""
 
-    def __init__(
-        self, cluster: Cluster, environment: str, conf: dict | None, logical_date: str | None = None
-    ) -> None:
+    def __init__(self, cluster: Cluster, environment: str, conf: dict | None) -> None:
         self.cluster = cluster
         self.log_path = cluster.home / f"airflow-{environment}-{time.monotonic_ns()}.log"
         argv = [sys.executable, "-m", "airflow", "dags", "test", PIPELINE]
-        if logical_date is not None:  # the same logical date is the same DAG run id
-            argv.append(logical_date)
         if conf is not None:
             argv += ["-c", json.dumps(conf)]
         self._log = self.log_path.open("wb")
