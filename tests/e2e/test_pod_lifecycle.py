@@ -15,10 +15,12 @@ covers adoption and deletion against the emulator.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -35,6 +37,7 @@ from tests.support.k8s_cluster import (
 pytestmark = [pytest.mark.slow, pytest.mark.pod_lifecycle]
 
 SYNC, DEFERRABLE = "sync", "deferrable"
+DEFAULT_LINGER = 0.1
 BASE = {"on_finish_action": "delete_succeeded_pod", "max_preemption_relaunches": 2}
 
 
@@ -86,6 +89,17 @@ def _admitted_names(cluster: Cluster, namespace: str) -> list[str]:
     ]
 
 
+@contextlib.contextmanager
+def _deleted_pods_linger(cluster: Cluster, seconds: float) -> Iterator[None]:
+    """A real API server removes a deleted pod soon after its kubelet reports it ended; how soon
+    varies, and each end of that range hides a different bug of the provider's operator."""
+    cluster.emulator.set_deleted_pod_linger(seconds)
+    try:
+        yield
+    finally:
+        cluster.emulator.set_deleted_pod_linger(DEFAULT_LINGER)
+
+
 def _wait_for_training(cluster: Cluster, namespace: str, run) -> str:
     name = running_pod(cluster, namespace, run)["metadata"]["name"]
     wait_until(lambda: step_logged(cluster, namespace, name), 120, "a training step", run)
@@ -111,8 +125,9 @@ def test_a_disruption_that_deletes_the_pod_relaunches_it(cluster, mode, disrupti
     before = len(_admitted_names(cluster, namespace))
     run = cluster.start(environment)
     name = _wait_for_training(cluster, namespace, run)
-    getattr(cluster.emulator, disruption)(namespace, name)
-    code, output, _ = run.finish()
+    with _deleted_pods_linger(cluster, 0):  # gone the moment its trainer exits: the provider sees a 404
+        getattr(cluster.emulator, disruption)(namespace, name)
+        code, output, _ = run.finish()
 
     assert code == 0, output[-6000:]
     assert reported in output
@@ -177,8 +192,9 @@ def test_sigterm_while_training_never_marks_train_successful(cluster):
     namespace = _namespace(environment)
     run = cluster.start(environment)
     name = _wait_for_training(cluster, namespace, run)
-    os.kill(run.proc.pid, signal.SIGTERM)
-    code, output, _ = run.finish()
+    with _deleted_pods_linger(cluster, 2):  # readable after its trainer exits, as a kubelet keeps it
+        os.kill(run.proc.pid, signal.SIGTERM)
+        code, output, _ = run.finish()
 
     assert code != 0, output[-6000:]
     assert "train was stopped (SIGTERM, or marked failed) while its pod was training" in output

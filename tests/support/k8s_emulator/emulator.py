@@ -263,7 +263,7 @@ class KubernetesEmulator:
             self._store.changed.notify_all()
 
     def set_deleted_pod_linger(self, seconds: float) -> None:
-        """How long a deleted pod stays readable after its process ended (default 1 s; 0: at once)."""
+        """How long a deleted pod stays readable after its process ended (default 0.1 s; 0: at once)."""
         with self._store.lock:
             self._store.deleted_pod_linger = seconds
 

@@ -87,7 +87,7 @@ class Store:
         self.admitted_pods: list[dict] = []
         # How the cluster behaves (see KubernetesEmulator's setters).
         self.scheduling_held = False  # no free GPU: new pods stay Pending, Unschedulable
-        self.deleted_pod_linger = 1.0  # s a deleted pod stays readable after its process ended
+        self.deleted_pod_linger = 0.1  # s a deleted pod stays readable after its process ended
         self.lose_create_responses = 0  # admitted creates answered 504, as an overloaded API server can
         # Each container process: pod uid, name, labels, monotonic start and end (None while running).
         self.container_runs: list[dict] = []
