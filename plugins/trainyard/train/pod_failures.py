@@ -92,11 +92,15 @@ def has_run(pod: Any, container: str = "base") -> bool:
     )
 
 
-def classify_gone(last_seen: Any, ran: bool, name: str, container: str = "base") -> PodFailure:
+def classify_gone(
+    last_seen: Any, ran: bool, name: str, container: str = "base", last_event: str | None = None
+) -> PodFailure:
     """A pod that can no longer be read, judged by what was last seen of it and whether it ran.
 
-    The cluster deletes what it preempts, drains or stops, often before the task looks again.
+    The cluster deletes what it preempts, drains or stops, often before the task looks again;
+    its events outlive it, so the last one (``last_event``) says who deleted it.
     """
+    said = f"; its last event: {last_event}" if last_event else ""
     if last_seen is not None:
         marked = _disruption(last_seen)
         if marked is not None:
@@ -107,12 +111,12 @@ def classify_gone(last_seen: Any, ran: bool, name: str, container: str = "base")
         return PodFailure(
             "vanished",
             f"pod {name} disappeared while its trainer was running (deleted by the cluster: preemption, "
-            "a node drain or a lost node)",
+            f"a node drain or a lost node){said}",
         )
     return PodFailure(
         "unscheduled",
         f"pod {name} was deleted before its trainer ever started; it never got a node. Check that the "
-        "queue, quota and node selectors can fit its resources",
+        f"queue, quota and node selectors can fit its resources{said}",
     )
 
 

@@ -37,6 +37,8 @@ from trainyard.train.run_spec import run_spec
 from trainyard.train.run_state import OwnedPod, RunState, StateStore, state_store
 
 DEADLINE_MESSAGE = "execution_timeout deadline"
+#: Events every pod gets (the kubelet's "Killing" follows whatever stopped it): not the cause.
+ROUTINE_EVENTS = frozenset({"Scheduled", "Pulling", "Pulled", "Created", "Started", "Killing"})
 
 
 class WatchedPodManager(PodManager):
@@ -238,16 +240,35 @@ class KubernetesTrainOperator(KubernetesPodOperator):
         if self._last_remote_pod is not None:
             name = self._last_remote_pod.metadata.name
             if self._pod_gone:
-                return classify_gone(manager.last_seen, manager.ran, name, self.base_container_name)
+                return classify_gone(
+                    manager.last_seen, manager.ran, name, self.base_container_name, self._last_event(name)
+                )
             return classify(self._last_remote_pod, self.base_container_name)
         if event is not None and isinstance(exc, PodNotFoundException):
+            name = event["name"]
             return classify_gone(
                 event.get(LAST_SEEN_KEY),
                 bool(event.get(STARTED_KEY)),
-                event["name"],
+                name,
                 self.base_container_name,
+                self._last_event(name),
             )
         return None
+
+    def _last_event(self, name: str) -> str | None:
+        """The newest telling event about a pod that is gone (events outlive it): who deleted it."""
+        try:
+            events = self.client.list_namespaced_event(
+                self.namespace, field_selector=f"involvedObject.name={name}"
+            ).items
+        except Exception:  # best effort: the message is only less specific
+            self.log.warning("Could not read the events of pod %s", name, exc_info=True)
+            return None
+        telling = [e for e in events if e.reason not in ROUTINE_EVENTS]
+        if not telling:
+            return None
+        last = max(telling, key=lambda e: int(e.metadata.resource_version or 0))
+        return f"{last.reason}: {last.message}"
 
     def _after_failure(self, context: Context, failure: PodFailure, cause: BaseException | None) -> Any:
         """Apply ``after_pod_failure``: return ``_RELAUNCH``, or stop the run's pod and raise."""
