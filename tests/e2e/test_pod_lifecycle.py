@@ -8,9 +8,8 @@ after their grace period, keeps a deleted pod readable while it terminates, can 
 of one run ever ran at the same time.
 
 Not here: a worker killed with SIGKILL in sync mode, whose orphan the next Airflow try must adopt
-(by UID) or delete. ``airflow dags test`` runs the task in its own process and gives every call a
-new DAG run id, so it cannot show a next try of the same run; ``tests/train/test_one_pod.py``
-covers adoption and deletion against the emulator.
+(by UID). ``airflow dags test`` runs the task in its own process and gives every call a new DAG run
+id, so that one is a system test with the real scheduler (``tests/system``).
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ The tests share one deployment and run in file order.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -116,7 +118,7 @@ def environment_yaml(mlflow_url: str, s3_url: str, deferrable: bool) -> dict:
         "launcher": "kubernetes",
         "airflow": {
             "schedules_enabled": False,
-            "retries": 0,
+            "retries": 1,  # a killed worker's next try must find its pod (no test spends one otherwise)
             "retry_delay_minutes": 0,
             "execution_timeout_minutes": 10,
         },
@@ -393,6 +395,53 @@ def test_rest_trigger_with_an_unknown_key_fails_in_validate_data_without_a_pod(s
     assert states["train"] in ("upstream_failed", None), states
     assert stack.k8s.pod_posts() == before
     assert "'image' is not a known setting" in stack.task_logs(run_id)
+
+
+def _task_processes() -> list[int]:
+    """The Task SDK's task process (``airflow worker -- <ti id>``), forked by its supervisor."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and cmdline.startswith("airflow worker -- "):
+            found.append(int(proc.name))
+    # The supervisor forks the task and both carry the title: the task is the one whose parent has it.
+    parents = {
+        pid: int((Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split())[1]) for pid in found
+    }
+    return [pid for pid, parent in parents.items() if parent in parents] or found
+
+
+def test_a_killed_worker_s_pod_is_adopted_by_the_next_try_never_duplicated(stack: Stack):
+    """Sync mode: SIGKILL the task while its pod trains. Nothing cleans up (no on_kill); the
+    supervisor reports the task failed, the scheduler retries it, and the retry must adopt the
+    pod it recorded (by UID) instead of starting a second trainer on the same run."""
+    svc.airflow_cli(stack.airflow_env, "dags", "unpause", PIPELINE)
+    run_id = f"system-killed-{uuid.uuid4().hex[:8]}"
+    response = stack.trigger_rest({"max_steps": 300}, run_id)
+    assert response.status_code == 200, response.text
+
+    def training() -> dict | None:
+        pods = [p for p in stack.k8s.run_pods(run_id) if stack.k8s.pod(NAMESPACE, p["metadata"]["name"])]
+        if not pods:
+            return None
+        name = pods[0]["metadata"]["name"]
+        return pods[0] if " step " in stack.k8s.logs(NAMESPACE, name) else None
+
+    pod = stack.services.wait_until("the pod training", training, 180, watch=svc.AIRFLOW_COMPONENTS)
+    name = pod["metadata"]["name"]
+    (task,) = _task_processes()
+    os.kill(task, signal.SIGKILL)
+
+    run = stack.wait_run(run_id)
+    assert run["state"] == "success", stack.explain(run_id)
+    assert [p["metadata"]["name"] for p in stack.k8s.run_pods(run_id)] == [name], "no second pod"
+    runs = [r for r in stack.k8s.container_runs() if r["name"] == name]
+    assert len(runs) == 1, "the adopted pod kept its one trainer process"
+    train_logs = stack.task_logs(run_id, 400, task_id="train")
+    assert f"Adopting pod {name}" in train_logs, train_logs
 
 
 def test_deferrable_run_succeeds_through_the_triggerer_and_its_pod_is_deleted(stack: Stack):
