@@ -69,10 +69,7 @@ def _namespace(environment: str) -> str:
 
 def _assert_one_trainer_at_a_time(cluster: Cluster, namespace: str) -> list[dict]:
     """Every container process of this namespace's run started after the previous one ended."""
-    runs = sorted(
-        (r for r in cluster.emulator.container_runs() if r["name"] in _admitted_names(cluster, namespace)),
-        key=lambda r: r["started"],
-    )
+    runs = sorted(_namespace_runs(cluster, namespace), key=lambda r: r["started"])
     for before, after in itertools.pairwise(runs):
         assert before["ended"] is not None and before["ended"] <= after["started"], (
             f"trainers of one run overlapped: {before['name']} and {after['name']}"

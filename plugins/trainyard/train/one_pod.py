@@ -15,13 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from airflow.providers.cncf.kubernetes.kubernetes_helper_functions import TRANSIENT_STATUS_CODES
 from kubernetes.client.exceptions import ApiException
 
 from trainyard.train.pod import LABEL_PREFIX
 
 LAUNCH_ANNOTATION = f"{LABEL_PREFIX}/launch-id"
 ACTIVE_PHASES = ("Pending", "Running")
-TRANSIENT_STATUSES = (429, 500, 502, 503, 504)
+#: The provider's transient statuses, but a 409 on create is not transient: it may be our own pod.
+TRANSIENT_STATUSES = TRANSIENT_STATUS_CODES - {409}
+CREATE_ATTEMPTS = 5
 
 log = logging.getLogger(__name__)
 
@@ -138,19 +141,20 @@ class RunPods:
     def create(self, pod: Any) -> Any:
         """POST the pod; transient errors are retried, and a 409 adopts the pod only if it is ours."""
         launch_id = (pod.metadata.annotations or {}).get(LAUNCH_ANNOTATION)
-        for attempt in range(5):
+        attempt = 0
+        while True:
             try:
                 return self.client.create_namespaced_pod(self.namespace, pod)
             except ApiException as exc:
                 if exc.status == 409:
                     return self._after_conflict(pod.metadata.name, launch_id, exc)
-                if exc.status not in TRANSIENT_STATUSES or attempt == 4:
+                attempt += 1
+                if exc.status not in TRANSIENT_STATUSES or attempt == CREATE_ATTEMPTS:
                     raise
                 # The server may have created the pod before failing to answer: the next POST
                 # then gets a 409, which adopts it.
                 log.warning("Creating pod %s failed (%s); retrying", pod.metadata.name, exc.status)
-                self.sleep(min(2**attempt, 15))
-        raise AssertionError("unreachable")
+                self.sleep(min(2 ** (attempt - 1), 15))
 
     def _after_conflict(self, name: str, launch_id: str | None, exc: ApiException) -> Any:
         try:

@@ -82,6 +82,7 @@ class KubernetesTrainOperator(KubernetesPodOperator):
         self._pod_gone = False
         self._stopped_by_airflow = False
         self._store: StateStore | None = None
+        self._try_deadline: datetime.datetime | None = None
 
     @cached_property
     def pod_manager(self) -> PodManager:
@@ -157,7 +158,7 @@ class KubernetesTrainOperator(KubernetesPodOperator):
     ) -> Any:
         if type(trigger) is KubernetesPodTrigger:
             trigger = TrainPodTrigger(**trigger.serialize()[1])
-        deadline = self._deadline(None)
+        deadline = self._try_deadline  # set when this pod's request was built
         if deadline is not None:
             # The provider anchors the trigger's deadline on the task instance's start date, which a
             # resumed (and relaunching) task does not always keep: use the try's own deadline.
@@ -187,13 +188,10 @@ class KubernetesTrainOperator(KubernetesPodOperator):
             return remote_pod
         try:
             return self.pod_manager.read_pod(remote_pod)
-        except ApiException as exc:
-            self._pod_gone = exc.status == 404
+        except Exception as exc:  # best effort: classify what we have
+            self._pod_gone = isinstance(exc, ApiException) and exc.status == 404
             if not self._pod_gone:
                 self.log.warning("Could not re-read pod %s", remote_pod.metadata.name, exc_info=True)
-            return remote_pod
-        except Exception:  # best effort: classify what we have
-            self.log.warning("Could not re-read pod %s", remote_pod.metadata.name, exc_info=True)
             return remote_pod
 
     def _attempt(self, context: Context, run: Any, event: dict[str, Any] | None = None) -> Any:
@@ -303,21 +301,21 @@ class KubernetesTrainOperator(KubernetesPodOperator):
         except Exception:  # best effort: on_kill and activeDeadlineSeconds back this up
             self.log.exception("Could not stop the pods of this run")
 
-    def _deadline(self, context: Context | None) -> datetime.datetime | None:
+    def _deadline(self, context: Context) -> datetime.datetime | None:
         """When this try's ``execution_timeout`` ends, fixed at the first look and kept in the run state."""
-        if context is not None:
-            self._context = context
-        context = getattr(self, "_context", None)
-        if context is None or self.execution_timeout is None:
+        if self.execution_timeout is None:
             return None
         store = self._state_store(context)
         state = RunState.load(store)
         try_number = context["ti"].try_number
-        if state.try_number == try_number and state.deadline is not None:
-            return state.deadline
-        deadline = deadline_for(getattr(context["ti"], "start_date", None), self.execution_timeout, _now())
-        state.model_copy(update={"try_number": try_number, "deadline": deadline}).save(store)
-        return deadline
+        if state.try_number != try_number or state.deadline is None:
+            deadline = deadline_for(
+                getattr(context["ti"], "start_date", None), self.execution_timeout, _now()
+            )
+            state = state.model_copy(update={"try_number": try_number, "deadline": deadline})
+            state.save(store)
+        self._try_deadline = state.deadline
+        return state.deadline
 
     def _state_store(self, context: Context) -> StateStore:
         if self._store is None:

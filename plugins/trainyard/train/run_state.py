@@ -72,5 +72,5 @@ class RunState(StrictModel):
 
 
 def state_store(context: Any) -> StateStore:
-    store = context.get("task_state_store") if hasattr(context, "get") else None
+    store = context.get("task_state_store")
     return store if store is not None else MemoryStore()
