@@ -1,4 +1,4 @@
-"""The ``validate_data`` task: rejects a bad trigger conf, then checks the dataset.
+"""The ``validate_data`` task: refuses other teams' storage and a bad trigger conf, then checks the data.
 
 pyarrow is imported inside ``execute`` so parsing a DAG stays cheap.
 """
@@ -11,6 +11,7 @@ from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowFailException
 
 from trainyard.handoff import Approval, PipelineOperator
+from trainyard.validate.team_storage import OutsideTeamStorage, require_team_storage
 from trainyard.validate.trigger_conf import ConfRejected, validate_conf
 
 
@@ -20,6 +21,11 @@ class ValidateDataOperator(PipelineOperator):
     ui_color = "#e8f4fd"
 
     def execute(self, context: Context) -> dict[str, Any]:
+        try:
+            # Before anything is read; retrying cannot move the data into the team's storage.
+            require_team_storage(self.pipeline)
+        except OutsideTeamStorage as exc:
+            raise AirflowFailException(str(exc)) from None
         from trainyard.validate.dataset import validate_dataset
         from trainyard.validate.report import DataValidationError, require_valid
 
