@@ -48,7 +48,7 @@ def test_the_shipped_pipelines_load_in_every_environment(config_dirs):
     assert prod.config.training.epochs == 3, "prod override applied"
     assert dev.config.training.epochs == 1
     assert prod.schedule == "0 3 * * 1" and dev.schedule is None, "dev switches schedules off"
-    assert prod.data_spec.train_uri == "s3://trainyard-prod-datasets/tweets/train.csv"
+    assert prod.data_spec.train_uri == "s3://trainyard-prod-datasets/nlp/tweets/train.csv"
     assert prod.registered_model_name == "prod.nlp.tweet-sentiment"
 
 
@@ -111,7 +111,7 @@ def test_bad_schedule(config_dirs, schedule, fragment):
 )
 def test_bad_dataset_uri(config_dirs, uri, fragment):
     pipelines, environments = config_dirs
-    _edit(pipelines / DEMO, "train: tweets/train.csv", f"train: {uri}")
+    _edit(pipelines / DEMO, "train: nlp/tweets/train.csv", f"train: {uri}")
     problem = _error(pipelines, environments).problems[0]
     assert problem.path == "dataset.train"
     assert fragment in problem.message
@@ -119,7 +119,7 @@ def test_bad_dataset_uri(config_dirs, uri, fragment):
 
 def test_unknown_file_format_asks_for_format(config_dirs):
     pipelines, environments = config_dirs
-    _edit(pipelines / DEMO, "train: tweets/train.csv", "train: tweets/train.jsonl")
+    _edit(pipelines / DEMO, "train: nlp/tweets/train.csv", "train: tweets/train.jsonl")
     assert "set dataset.format to csv or parquet" in str(_error(pipelines, environments))
 
 
@@ -311,14 +311,14 @@ def test_environment_naming_storage_and_credentials_are_checked(config_dirs, old
 
 def test_locations_may_not_climb_out_of_their_root(config_dirs):
     pipelines, environments = config_dirs
-    _edit(pipelines / DEMO, "train: tweets/train.csv", "train: ../other-team/train.csv")
+    _edit(pipelines / DEMO, "train: nlp/tweets/train.csv", "train: ../other-team/train.csv")
     problem = _error(pipelines, environments).problems[0]
     assert problem.path == "dataset.train" and "contains '..'" in problem.message
 
 
 def test_pods_cannot_read_local_paths(config_dirs):
     pipelines, environments = config_dirs
-    _edit(pipelines / DEMO, "train: tweets/train.csv", "train: /opt/airflow/secrets.csv")
+    _edit(pipelines / DEMO, "train: nlp/tweets/train.csv", "train: /opt/airflow/secrets.csv")
     _load(pipelines, environments, "local")  # fine on one machine
     problem = _error(pipelines, environments, "prod").problems[0]
     assert problem.path == "dataset.train" and "pods in 'prod' cannot read" in problem.message
@@ -334,9 +334,10 @@ def test_duplicate_yaml_keys_are_an_error_naming_both_lines(config_dirs):
 
 def test_environment_variables_expand_inside_lists(config_dirs, monkeypatch):
     _, environments = config_dirs
-    monkeypatch.setenv("TY_S3_SECRET", "team-s3-credentials")
-    _edit(environments / "dev.yaml", "env_from: [trainyard-s3-credentials]", 'env_from: ["${TY_S3_SECRET}"]')
-    assert load_environment("dev", environments).kubernetes.secrets.env_from == ("team-s3-credentials",)
+    monkeypatch.setenv("TY_NLP_DATA", "s3://nlp-datasets/shared")
+    _edit(environments / "dev.yaml", "data: [s3://trainyard-dev-datasets/nlp/]", 'data: ["${TY_NLP_DATA}"]')
+    storage = load_environment("dev", environments).teams["nlp"].storage
+    assert storage.data == ("s3://nlp-datasets/shared/",)
 
 
 def test_only_yaml_files_are_pipelines(config_dirs):

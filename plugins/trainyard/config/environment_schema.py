@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+import warnings
 from string import Formatter
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -154,14 +155,51 @@ class Caps(StrictModel):
     _quantities = field_validator("cpu", "memory", "shm_size", mode="before")(quantity)
 
 
+GPU_RESOURCE = "nvidia.com/gpu"
+#: Kueue's labels on a pod: which LocalQueue it waits in, and its WorkloadPriorityClass.
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+WORKLOAD_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+
+
+class GpuType(StrictModel):
+    """One kind of GPU node: a pipeline's ``resources.gpu_type`` and, under Kueue, a ResourceFlavor."""
+
+    node_labels: dict[str, str] = Field(min_length=1, description="Labels every node of this type has.")
+    tolerations: tuple[Toleration, ...] | None = Field(
+        None, description="Taints of these nodes that training pods tolerate; null = kubernetes.tolerations."
+    )
+
+
+class KueueSettings(StrictModel):
+    """Names of the Kueue objects the trainyard-cluster chart creates from this file."""
+
+    cohort: str = Field(
+        "trainyard", pattern=DNS_SUBDOMAIN, description="Every ClusterQueue of every environment."
+    )
+    workload_priority_class: str | None = Field(
+        None, pattern=DNS_SUBDOMAIN, description="null = the same name as kubernetes.priority_class."
+    )
+    status_interval_seconds: float = Field(
+        60, ge=1, le=3600, description="How often a waiting train task logs its place in the queue."
+    )
+
+
 class KubernetesSettings(StrictModel):
     namespace: str = Field(pattern=DNS_LABEL)
     image: str = Field(description="Trainer image, pinned by tag (not 'latest') or by digest.")
     image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
     service_account: str = Field(pattern=DNS_SUBDOMAIN)
     priority_class: str = Field(pattern=DNS_SUBDOMAIN)
-    gpu_node_selectors: dict[str, dict[str, str]] = Field(
-        default_factory=dict, description="Pipeline gpu_type -> node selector labels."
+    scheduling: Literal["kueue", "priority"] = Field(
+        "priority",
+        description="kueue: pods wait in their team's LocalQueue for quota; priority: PriorityClass only.",
+    )
+    kueue: KueueSettings = KueueSettings()
+    max_queue_wait_minutes: float = Field(
+        24 * 60, gt=0, le=30 * 24 * 60, description="How long a run may wait for GPU quota (kueue)."
+    )
+    gpu_types: dict[str, GpuType] = Field(
+        default_factory=dict, description="Pipeline gpu_type -> its nodes (a ResourceFlavor under Kueue)."
     )
     tolerations: tuple[Toleration, ...] = ()
     secrets: Secrets = Secrets()
@@ -176,6 +214,56 @@ class KubernetesSettings(StrictModel):
     connection_id: str = Field("kubernetes_default", description="Airflow connection to the cluster.")
     in_cluster: bool | None = Field(None, description="None = as the Airflow connection says.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_gpu_node_selectors(cls, data: Any) -> Any:
+        """``gpu_node_selectors: {type: labels}`` (before Kueue) still loads, as ``gpu_types``."""
+        if isinstance(data, dict) and "gpu_node_selectors" in data:
+            data = dict(data)
+            old = data.pop("gpu_node_selectors")
+            if "gpu_types" in data:
+                raise ValueError("set gpu_types only (gpu_node_selectors is its old name)")
+            warnings.warn(
+                "kubernetes.gpu_node_selectors is deprecated; write gpu_types: {<type>: {node_labels: ...}}",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            if isinstance(old, dict):
+                data["gpu_types"] = {k: {"node_labels": v} for k, v in old.items()}
+        return data
+
+    @staticmethod
+    def gpu_counts(
+        team: str, field: str, value: GpuCount | None, k8s: KubernetesSettings
+    ) -> dict[str, int] | None:
+        """A team's GPUs per GPU type; a bare number needs exactly one GPU type (or none declared)."""
+        if value is None:
+            return None
+        if isinstance(value, int):
+            if value == 0:
+                return dict.fromkeys(k8s.gpu_types or ("default",), 0)
+            if len(k8s.gpu_types) > 1:
+                raise ValueError(
+                    f"teams.{team}.{field}: {value} is ambiguous with GPU types "
+                    f"{', '.join(sorted(k8s.gpu_types))}; write {{<gpu_type>: <count>}}"
+                )
+            return {next(iter(k8s.gpu_types), "default"): value}
+        unknown = sorted(set(value) - set(k8s.gpu_types))
+        if unknown:
+            raise ValueError(
+                f"teams.{team}.{field}: unknown GPU type(s) {', '.join(unknown)}; "
+                f"kubernetes.gpu_types has {', '.join(sorted(k8s.gpu_types)) or 'none'}"
+            )
+        return {gpu_type: value.get(gpu_type, 0) for gpu_type in k8s.gpu_types}
+
+    @property
+    def workload_priority_class(self) -> str:
+        return self.kueue.workload_priority_class or self.priority_class
+
+    def gpu_tolerations(self, gpu_type: str | None) -> tuple[Toleration, ...]:
+        known = self.gpu_types.get(gpu_type or "")
+        return self.tolerations if known is None or known.tolerations is None else known.tolerations
+
     @field_validator("image")
     @classmethod
     def _pinned(cls, value: str) -> str:
@@ -186,6 +274,74 @@ class KubernetesSettings(StrictModel):
         return value
 
 
+GpuCount = int | dict[str, int]
+
+
+class TeamStorage(StrictModel):
+    """Where a team's pipelines may read data and base models: nobody trains on another team's data."""
+
+    data: tuple[str, ...] = Field(
+        min_length=1, description="Dataset prefixes (s3://bucket/prefix/ or /path/)."
+    )
+    models: tuple[str, ...] = Field(min_length=1, description="Base-model prefixes.")
+
+    @field_validator("data", "models")
+    @classmethod
+    def _prefixes(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        checked = []
+        for value in values:
+            if value.startswith("s3://"):
+                bucket_and_key = value[5:]
+                if not bucket_and_key.strip("/"):
+                    raise ValueError(f"'{value}' names no bucket")
+                check_uri(value.rstrip("/") + "/x")
+            elif "://" in value or not value.startswith("/"):
+                raise ValueError(f"'{value}' must be an s3://bucket/prefix/ URI or an absolute path")
+            # A prefix is a folder: s3://data/nlp must not admit s3://data/nlp-secret/.
+            checked.append(value if value.endswith("/") else value + "/")
+        return tuple(checked)
+
+
+class Team(StrictModel):
+    """A team's share of this environment: GPU quota (a Kueue ClusterQueue), identity and storage."""
+
+    gpus: GpuCount = Field(
+        0, description="Nominal GPUs (guaranteed): a number, or {gpu_type: number} with several GPU types."
+    )
+    borrow_gpus: GpuCount | None = Field(
+        None, description="How many idle GPUs of other teams it may borrow; null = no limit."
+    )
+    cpu: str = Field("32", description="Nominal CPU of the team's ClusterQueue.")
+    memory: str = Field("256Gi", description="Nominal memory of the team's ClusterQueue.")
+    storage: TeamStorage | None = Field(None, description="Required when the environment declares teams.")
+    service_account: str | None = Field(
+        None, pattern=DNS_SUBDOMAIN, description="The team's pods run as this; null = trainyard-<team>."
+    )
+    credentials_secret: str | None = Field(
+        None,
+        pattern=DNS_SUBDOMAIN,
+        description="Secret whose keys become the pod's env (S3 keys); null = trainyard-<team>-credentials.",
+    )
+    airflow_role: str | None = Field(
+        None,
+        min_length=1,
+        description="Airflow role that may trigger and edit its DAGs; null = trainyard-<team>.",
+    )
+    workload_identity: bool = Field(
+        False, description="true = no credentials Secret: the ServiceAccount carries a cloud role."
+    )
+
+    _quantities = field_validator("cpu", "memory", mode="before")(quantity)
+
+    @field_validator("gpus", "borrow_gpus")
+    @classmethod
+    def _counts(cls, value: GpuCount | None) -> GpuCount | None:
+        counts = value.values() if isinstance(value, dict) else [] if value is None else [value]
+        if any(count < 0 for count in counts):
+            raise ValueError("GPU counts cannot be negative")
+        return value
+
+
 class EnvironmentConfig(StrictModel):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]*$")
     launcher: Literal["local", "kubernetes"]
@@ -193,6 +349,10 @@ class EnvironmentConfig(StrictModel):
     mlflow: MlflowSettings
     storage: Storage
     kubernetes: KubernetesSettings | None = Field(None, description="Required when launcher is kubernetes.")
+    teams: dict[str, Team] = Field(
+        default_factory=dict,
+        description="Teams allowed to train here, with quotas, identity and storage; empty = any team.",
+    )
     pipeline_files: YamlLimits = Field(
         YamlLimits(), description="What one pipeline file may cost to parse; a file over it is refused."
     )
@@ -201,4 +361,63 @@ class EnvironmentConfig(StrictModel):
     def _kubernetes_when_needed(self) -> EnvironmentConfig:
         if self.launcher == "kubernetes" and self.kubernetes is None:
             raise ValueError("launcher 'kubernetes' needs a 'kubernetes' section (namespace, image, ...)")
+        for name, team in self.teams.items():
+            if not re.match(DNS_LABEL, name):
+                raise ValueError(f"teams: '{name}' is not a valid team name (lowercase letters, digits, '-')")
+            if team.storage is None:
+                raise ValueError(f"teams.{name}.storage is missing: list the team's data and models prefixes")
+            if self.kubernetes is not None:
+                if self.kubernetes.secrets.env_from:
+                    raise ValueError(
+                        "kubernetes.secrets.env_from is shared by every team: with teams declared, each "
+                        "team's pods get their own credentials (teams.<team>.credentials_secret); remove it"
+                    )
+                for field in ("gpus", "borrow_gpus"):
+                    self.kubernetes.gpu_counts(name, field, getattr(team, field), self.kubernetes)
+        if self.kubernetes is not None and self.kubernetes.scheduling == "kueue":
+            if not self.teams:
+                raise ValueError(
+                    "kubernetes.scheduling is kueue but no teams are declared: "
+                    "add teams: {<team>: {gpus: ...}}"
+                )
+            if not self.kubernetes.gpu_types:
+                raise ValueError(
+                    "kubernetes.scheduling is kueue but kubernetes.gpu_types is empty: each GPU type "
+                    "becomes a ResourceFlavor; add gpu_types: {<type>: {node_labels: {...}}}"
+                )
         return self
+
+    def team(self, name: str) -> Team | None:
+        return self.teams.get(name)
+
+    def team_service_account(self, name: str) -> str:
+        """Who a team's pods run as: its own ServiceAccount, or the shared one without teams."""
+        team = self.teams.get(name)
+        assert self.kubernetes is not None
+        if team is None:
+            return self.kubernetes.service_account
+        return team.service_account or f"trainyard-{name}"
+
+    def team_credentials_secrets(self, name: str) -> tuple[str, ...]:
+        """Secrets whose keys become the pod's env: the team's own, or the shared ones without teams."""
+        team = self.teams.get(name)
+        assert self.kubernetes is not None
+        if team is None:
+            return self.kubernetes.secrets.env_from
+        if team.workload_identity:
+            return ()
+        return (team.credentials_secret or f"trainyard-{name}-credentials",)
+
+    def team_airflow_role(self, name: str) -> str | None:
+        """The Airflow role of a declared team; None without teams (then no DAG-level access control)."""
+        team = self.teams.get(name)
+        if team is None:
+            return None
+        return team.airflow_role or f"trainyard-{name}"
+
+    def cluster_queue(self, team: str) -> str:
+        return f"trainyard-{self.name}-{team}"
+
+    @staticmethod
+    def local_queue(team: str) -> str:
+        return team

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import posixpath
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -222,8 +223,9 @@ def environment_limits(config: PipelineConfig, environment: EnvironmentConfig) -
                     "use an s3:// URI or a path relative to the environment's s3:// root",
                 )
             )
-    if res.gpu_type is not None and res.gpu_type not in k8s.gpu_node_selectors:
-        known = list(k8s.gpu_node_selectors)
+    found.extend(_team_problems(config, environment))
+    if res.gpu_type is not None and res.gpu_type not in k8s.gpu_types:
+        known = list(k8s.gpu_types)
         found.append(
             (
                 ("resources", "gpu_type"),
@@ -232,6 +234,68 @@ def environment_limits(config: PipelineConfig, environment: EnvironmentConfig) -
             )
         )
     return found
+
+
+def _team_problems(config: PipelineConfig, environment: EnvironmentConfig) -> list[tuple[Loc, str, str]]:
+    """The pipeline's team exists here, reads only its own storage, and its pod fits the team's quota."""
+    if not environment.teams:
+        return []
+    team = environment.team(config.team)
+    if team is None:
+        known = sorted(environment.teams)
+        hint = suggest_key(config.team, known)
+        return [
+            (
+                ("team",),
+                f"team '{config.team}' is not declared in environment '{environment.name}' "
+                f"(teams: {', '.join(known)})",
+                hint or "use one of those, or ask the platform team to add the team to the environment",
+            )
+        ]
+    found: list[tuple[Loc, str, str]] = []
+    assert team.storage is not None
+    storage = environment.storage
+    for loc, root, value, allowed in (
+        (("dataset", "train"), storage.data_root, config.dataset.train, team.storage.data),
+        (("dataset", "validation"), storage.data_root, config.dataset.validation, team.storage.data),
+        (("model", "base"), storage.models_root, config.model.base, team.storage.models),
+    ):
+        if value.startswith("hf://"):
+            continue
+        resolved = join_uri(root, value)
+        if not outside_prefixes(resolved, allowed):
+            continue
+        found.append(
+            (
+                loc,
+                f"'{resolved}' is outside team '{config.team}''s storage in '{environment.name}'",
+                f"move it under {' or '.join(allowed)} (teams.{config.team}.storage)",
+            )
+        )
+    k8s = environment.kubernetes
+    if k8s is not None and k8s.scheduling == "kueue" and config.resources.gpus:
+        gpu_type = config.resources.gpu_type
+        nominal = k8s.gpu_counts(config.team, "gpus", team.gpus, k8s) or {}
+        borrow = k8s.gpu_counts(config.team, "borrow_gpus", team.borrow_gpus, k8s)
+        types = [gpu_type] if gpu_type in nominal else list(nominal)
+        if borrow is not None and all(nominal[t] + borrow[t] < config.resources.gpus for t in types):
+            most = max(nominal[t] + borrow[t] for t in types) if types else 0
+            found.append(
+                (
+                    ("resources", "gpus"),
+                    f"{config.resources.gpus} GPUs can never be admitted for team '{config.team}' in "
+                    f"'{environment.name}': its quota plus borrowing limit is {most}",
+                    f"ask for at most {most}, or ask the platform team to raise teams.{config.team}.gpus "
+                    "or borrow_gpus",
+                )
+            )
+    return found
+
+
+def outside_prefixes(location: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether ``location`` (a file or folder) lies under none of the prefixes (each ends with '/')."""
+    normalized = location if "://" in location else posixpath.normpath(location)
+    return not any(normalized.startswith(prefix) or normalized + "/" == prefix for prefix in prefixes)
 
 
 def load_pipeline(

@@ -15,6 +15,7 @@ from kubernetes.client import Configuration
 from kubernetes.client import models as _models
 
 from trainer.spec import RunSpec
+from trainyard.config.environment_schema import QUEUE_LABEL, WORKLOAD_PRIORITY_LABEL
 from trainyard.config.loading import ResolvedPipeline
 from trainyard.train.launch import LaunchSpec, trainer_env
 
@@ -62,6 +63,17 @@ def launch_argv(pipeline: ResolvedPipeline, spec: RunSpec) -> tuple[str, ...]:
     return launch.argv
 
 
+def kueue_labels(pipeline: ResolvedPipeline) -> dict[str, str]:
+    """Under Kueue: the team's LocalQueue and the environment's WorkloadPriorityClass; else none."""
+    k8s_env = pipeline.environment.kubernetes
+    if k8s_env is None or k8s_env.scheduling != "kueue":
+        return {}
+    return {
+        QUEUE_LABEL: pipeline.environment.local_queue(pipeline.config.team),
+        WORKLOAD_PRIORITY_LABEL: k8s_env.workload_priority_class,
+    }
+
+
 def pod_labels(pipeline: ResolvedPipeline, run_id: str | None = None) -> dict[str, str]:
     """Labels to find a pipeline's pods by (``kubectl get pods -l``); the run id only at run time."""
     labels = {
@@ -85,6 +97,8 @@ def pod_kwargs(pipeline: ResolvedPipeline) -> dict[str, Any]:
     if res.gpus:
         quantities["nvidia.com/gpu"] = str(res.gpus)
     secrets = k8s_env.secrets
+    team = pipeline.config.team
+    gpu = k8s_env.gpu_types.get(res.gpu_type or "")
     env_vars = [
         *(k8s.V1EnvVar(name=k, value=v) for k, v in _plain_env(pipeline).items()),
         *(
@@ -104,17 +118,22 @@ def pod_kwargs(pipeline: ResolvedPipeline) -> dict[str, Any]:
         "image_pull_policy": k8s_env.image_pull_policy,
         "name": f"train-{pipeline.name}"[:50],
         "random_name_suffix": True,
-        "labels": pod_labels(pipeline),
+        "labels": {**pod_labels(pipeline), **kueue_labels(pipeline)},
         "annotations": {f"{LABEL_PREFIX}/owner": pipeline.config.owner},
         "container_resources": k8s.V1ResourceRequirements(requests=quantities, limits=dict(quantities)),
         "priority_class_name": k8s_env.priority_class,
-        "service_account_name": k8s_env.service_account,
+        "service_account_name": pipeline.environment.team_service_account(team),
         "automount_service_account_token": False,
-        "node_selector": dict(k8s_env.gpu_node_selectors.get(res.gpu_type or "", {})) or None,
-        "tolerations": [k8s.V1Toleration(**t.model_dump(exclude_none=True)) for t in k8s_env.tolerations]
+        "node_selector": dict(gpu.node_labels) if gpu is not None else None,
+        "tolerations": [
+            k8s.V1Toleration(**t.model_dump(exclude_none=True)) for t in k8s_env.gpu_tolerations(res.gpu_type)
+        ]
         or None,
         "env_vars": env_vars,
-        "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=n)) for n in secrets.env_from]
+        "env_from": [
+            k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=name))
+            for name in pipeline.environment.team_credentials_secrets(team)
+        ]
         or None,
         "volumes": [
             k8s.V1Volume(

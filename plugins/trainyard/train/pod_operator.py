@@ -8,6 +8,7 @@ alone would lose a pod (reattach, 404s, kills, timeouts) or count relaunches per
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from collections.abc import Sequence
 from functools import cached_property
@@ -32,7 +33,23 @@ from trainyard.train.pod_failures import (
     has_run,
     refused_pod,
 )
-from trainyard.train.pod_trigger import LAST_SEEN_KEY, STARTED_KEY, TrainPodTrigger
+from trainyard.train.pod_trigger import (
+    LAST_SEEN_KEY,
+    QUEUE_TIMEOUT_KEY,
+    QUEUE_WAIT_KEY,
+    STARTED_KEY,
+    TrainPodTrigger,
+)
+from trainyard.train.queue_wait import (
+    QueueFacts,
+    QueueSettings,
+    QueueWaitRecord,
+    QueueWaitTimeout,
+    await_admission,
+    queue_summary,
+    queue_tags,
+    read_facts_sync,
+)
 from trainyard.train.run_spec import run_spec
 from trainyard.train.run_state import OwnedPod, RunState, StateStore, state_store
 
@@ -75,7 +92,13 @@ class KubernetesTrainOperator(KubernetesPodOperator):
     template_ext: Sequence[str] = ()
 
     def __init__(self, *, pipeline: ResolvedPipeline, **kwargs: Any) -> None:
+        queue = QueueSettings.for_pipeline(pipeline)
+        if queue is not None and kwargs.get("execution_timeout") is not None:
+            # Waiting for quota is not training: the task may also wait up to max_queue_wait_minutes,
+            # while each pod's activeDeadlineSeconds (counted from its start) stays the training budget.
+            kwargs["execution_timeout"] += datetime.timedelta(seconds=queue.max_wait_seconds)
         super().__init__(**pod_kwargs(pipeline), **kwargs)
+        self.queue = queue
         self.pipeline = pipeline
         self.max_relaunches = pipeline.environment.kubernetes.max_preemption_relaunches  # type: ignore[union-attr]
         self._last_remote_pod: Any = None
@@ -108,6 +131,13 @@ class KubernetesTrainOperator(KubernetesPodOperator):
                 return outcome
 
     def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        if event.get(QUEUE_WAIT_KEY):
+            self._note_queue_wait(context, QueueWaitRecord.model_validate(event[QUEUE_WAIT_KEY]))
+        if event.get(QUEUE_TIMEOUT_KEY):
+            self._stop_run_pods(context)
+            raise AirflowFailException(str(event.get("message")))
         if event.get("status") == "timeout" and DEADLINE_MESSAGE in str(event.get("message")):
             # The provider would follow the still-running pod's log until the pod's own deadline.
             self._stop_run_pods(context)
@@ -126,6 +156,28 @@ class KubernetesTrainOperator(KubernetesPodOperator):
         super().on_kill()
 
     # ------------------------------------------------------------------- the provider's hooks, owned
+
+    def await_pod_start(self, pod: Any) -> None:
+        """Under Kueue, wait for admission first: queue time is not startup time."""
+        settings = self.queue
+        if settings is not None:
+
+            async def read_pod() -> Any:
+                return self.pod_manager.read_pod(pod)
+
+            async def read_facts(remote: Any) -> QueueFacts:
+                return read_facts_sync(self.client.api_client, settings, remote)
+
+            try:
+                record = asyncio.run(
+                    await_admission(settings, read_pod=read_pod, read_facts=read_facts, log=self.log)
+                )
+            except QueueWaitTimeout as exc:
+                self._note_queue_wait(None, exc.record)
+                raise
+            if record is not None:
+                self._note_queue_wait(None, record)
+        super().await_pod_start(pod)
 
     def build_pod_request_obj(self, context: Context | None = None, *, dry_run: bool = False) -> Any:
         pod = super().build_pod_request_obj(context, dry_run=dry_run)
@@ -157,7 +209,8 @@ class KubernetesTrainOperator(KubernetesPodOperator):
         self, *, trigger: Any, method_name: str, kwargs: dict | None = None, timeout: Any = None
     ) -> Any:
         if type(trigger) is KubernetesPodTrigger:
-            trigger = TrainPodTrigger(**trigger.serialize()[1])
+            queue = self.queue.model_dump(mode="json") if self.queue is not None else None
+            trigger = TrainPodTrigger(queue=queue, **trigger.serialize()[1])
         deadline = self._try_deadline  # set when this pod's request was built
         if deadline is not None:
             # The provider anchors the trigger's deadline on the task instance's start date, which a
@@ -195,7 +248,7 @@ class KubernetesTrainOperator(KubernetesPodOperator):
             return remote_pod
 
     def _attempt(self, context: Context, run: Any, event: dict[str, Any] | None = None) -> Any:
-        from airflow.sdk.exceptions import AirflowException, TaskDeferred
+        from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
         from kubernetes.client.exceptions import ApiException
 
         self._last_remote_pod = None
@@ -212,6 +265,10 @@ class KubernetesTrainOperator(KubernetesPodOperator):
                 raise
             return self._after_failure(context, refusal, cause=None)
         except Exception as exc:
+            queue_timeout = _in_chain(exc, QueueWaitTimeout, include_self=True)
+            if queue_timeout is not None:
+                self._stop_run_pods(context)
+                raise AirflowFailException(str(queue_timeout)) from None
             interruption = _interruption(exc)
             if interruption is not None or self._stopped_by_airflow:
                 # A timeout or kill, under the provider's own "Pod ... returned a failure" from its
@@ -230,6 +287,7 @@ class KubernetesTrainOperator(KubernetesPodOperator):
             raise
         if self._stopped_by_airflow:
             raise AirflowException(_STOPPED)
+        self._publish_queue_waits(context)
         return outcome
 
     def _failure(self, exc: Exception, event: dict[str, Any] | None) -> PodFailure | None:
@@ -284,6 +342,32 @@ class KubernetesTrainOperator(KubernetesPodOperator):
         self._stop_run_pods(context)
         error = AirflowFailException if step.action is Action.FAIL_PERMANENTLY else AirflowException
         raise error(step.message) from cause
+
+    def _note_queue_wait(self, context: Context | None, record: QueueWaitRecord) -> None:
+        """Keep the wait in the run state (it outlives relaunches and tries) and say it in the log."""
+        store = self._store if context is None else self._state_store(context)
+        if store is None:
+            return
+        RunState.load(store).with_wait(record).save(store)
+
+    def _publish_queue_waits(self, context: Context) -> None:
+        """The run's waits for quota as XCom ``queue_waits`` and tags on its MLflow run (best effort)."""
+        if self.queue is None:
+            return
+        waits = RunState.load(self._state_store(context)).queue_waits
+        summary = queue_summary(waits)
+        context["ti"].xcom_push(key="queue_waits", value=summary)
+        try:
+            from mlflow.tracking import MlflowClient
+
+            from trainyard.promote.registry import find_candidate_run
+
+            client = MlflowClient(tracking_uri=self.pipeline.environment.mlflow.tracking_uri)
+            run = find_candidate_run(client, self.pipeline, context["dag_run"].run_id)
+            for key, value in queue_tags(summary).items():
+                client.set_tag(run.info.run_id, key, value)
+        except Exception:  # the wait is in the XCom and the log; the MLflow run only lacks the tags
+            self.log.warning("Could not record the queue wait on the MLflow run", exc_info=True)
 
     def _run_pods(self, context: Context) -> RunPods:
         labels = pod_labels(self.pipeline, context["dag_run"].run_id)
@@ -349,10 +433,21 @@ def _interruption(exc: BaseException) -> BaseException | None:
     """The task timeout or kill (never an ``Exception``) that ``exc`` was raised while handling."""
     from airflow.sdk.exceptions import AirflowTaskTimeout
 
+    return _in_chain(exc, (AirflowTaskTimeout, KeyboardInterrupt, SystemExit))
+
+
+def _in_chain(
+    exc: BaseException, kinds: type | tuple[type, ...], *, include_self: bool = False
+) -> BaseException | None:
+    """The first exception of ``kinds`` that ``exc`` is, or was raised while handling.
+
+    The provider's cleanup raises its own "Pod ... returned a failure" from a ``finally``, on top
+    of what really stopped the wait.
+    """
     seen: set[int] = set()
-    current = exc.__context__
+    current = exc if include_self else exc.__context__
     while current is not None and id(current) not in seen:
-        if isinstance(current, AirflowTaskTimeout | KeyboardInterrupt | SystemExit):
+        if isinstance(current, kinds):
             return current
         seen.add(id(current))
         current = current.__context__

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from pydantic import Field, ValidationError
 
 from trainer.spec import StrictModel
+from trainyard.train.queue_wait import QueueWaitRecord
 
 STATE_KEY = "trainyard.train"
 
@@ -54,6 +55,14 @@ class RunState(StrictModel):
     pod: OwnedPod | None = None
     try_number: int | None = Field(None, description="The Airflow try the deadline belongs to.")
     deadline: datetime | None = Field(None, description="When that try's execution_timeout ends.")
+    queue_waits: list[QueueWaitRecord] = Field(
+        default_factory=list, description="Each pod's wait for Kueue admission, in order."
+    )
+
+    def with_wait(self, record: QueueWaitRecord) -> RunState:
+        """This state with one more wait (a re-read of the same pod's wait replaces it)."""
+        kept = [w for w in self.queue_waits if w.pod != record.pod]
+        return self.model_copy(update={"queue_waits": [*kept, record]})
 
     @classmethod
     def load(cls, store: StateStore) -> RunState:
