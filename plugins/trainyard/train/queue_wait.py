@@ -209,6 +209,7 @@ async def await_admission(
     read_facts: ReadFacts,
     log: logging.Logger | logging.LoggerAdapter,
     clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     check_seconds: float = CHECK_SECONDS,
 ) -> QueueWaitRecord | None:
     """Wait while Kueue gates the pod; None if it was never gated (admitted at once, or no Kueue)."""
@@ -248,7 +249,7 @@ async def await_admission(
                 raise QueueWaitTimeout(timeout_message(settings, waited, last), record)
             log.info("%s", waiting_line(settings, waited, last))
             next_report = now + settings.status_interval_seconds
-        await asyncio.sleep(min(check_seconds, max(settings.max_wait_seconds - waited, 0.05)))
+        await sleep(min(check_seconds, max(settings.max_wait_seconds - waited, 0.05)))
         pod = await read_pod()
 
 
