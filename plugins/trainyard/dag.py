@@ -31,6 +31,17 @@ from trainyard.validate.trigger_conf import PARAM_SCHEMA_DIALECT, param_schemas
 
 START_DATE = datetime(2024, 1, 1, tzinfo=UTC)
 INVALID_TAG = "trainyard:invalid"
+#: What a team's Airflow role may do on its own pipelines' DAGs (FAB's resource-based
+#: ``access_control`` format): see them, pause and edit them, see and trigger their runs. Nothing on
+#: any other DAG: FAB revokes every permission a DAG's access_control does not list (Admin keeps all).
+TEAM_DAG_PERMISSIONS: dict[str, frozenset[str]] = {
+    "DAGs": frozenset({"can_read", "can_edit"}),
+    "DAG Runs": frozenset({"can_read", "can_create"}),
+}
+#: The DAG warns about the airflow.security.permissions *module* whenever access_control is set. We
+#: do not use that module and access_control has no successor under the FAB auth manager; left
+#: alone, the warning would be shown on every loader file in the UI.
+_ACCESS_CONTROL_WARNING = "The airflow.security.permissions module is deprecated"
 
 
 class TrainyardConfigWarning(UserWarning):
@@ -78,6 +89,21 @@ def _doc_md(pipeline: ResolvedPipeline) -> str:
 """
 
 
+def access_control(pipeline: ResolvedPipeline) -> dict[str, dict[str, set[str]]] | None:
+    """The DAG's ``access_control``: its team's role only; None where the environment has no teams.
+
+    With teams declared the mapping is authoritative (FAB revokes what it does not list), so a team
+    the environment does not declare gets ``{}``: no team role keeps rights on a DAG it does not own.
+    """
+    environment = pipeline.environment
+    if not environment.teams:
+        return None
+    role = environment.team_airflow_role(pipeline.config.team)
+    if role is None:
+        return {}
+    return {role: {resource: set(actions) for resource, actions in TEAM_DAG_PERMISSIONS.items()}}
+
+
 def build_dag(pipeline: ResolvedPipeline) -> DAG:
     cfg = pipeline.config
     airflow = pipeline.environment.airflow
@@ -85,23 +111,26 @@ def build_dag(pipeline: ResolvedPipeline) -> DAG:
         name: Param(**schema, **{"$schema": PARAM_SCHEMA_DIALECT})
         for name, schema in param_schemas(pipeline).items()
     }
-    dag = DAG(
-        dag_id=cfg.name,
-        description=(cfg.description or f"Trainyard pipeline {cfg.name}")[:200],
-        schedule=pipeline.schedule,
-        start_date=START_DATE,
-        catchup=False,
-        max_active_runs=1,
-        tags=["trainyard", f"team:{cfg.team}", f"env:{pipeline.environment.name}"],
-        doc_md=_doc_md(pipeline),
-        default_args={
-            "owner": cfg.owner,
-            "retries": airflow.retries,
-            "retry_delay": timedelta(minutes=airflow.retry_delay_minutes),
-            # A hung S3 or MLflow call must not hold the DAG's only active run forever.
-            "execution_timeout": timedelta(minutes=airflow.task_timeout_minutes),
-        },
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", _ACCESS_CONTROL_WARNING, DeprecationWarning)
+        dag = DAG(
+            dag_id=cfg.name,
+            description=(cfg.description or f"Trainyard pipeline {cfg.name}")[:200],
+            schedule=pipeline.schedule,
+            start_date=START_DATE,
+            catchup=False,
+            max_active_runs=1,
+            tags=["trainyard", f"team:{cfg.team}", f"env:{pipeline.environment.name}"],
+            doc_md=_doc_md(pipeline),
+            default_args={
+                "owner": cfg.owner,
+                "retries": airflow.retries,
+                "retry_delay": timedelta(minutes=airflow.retry_delay_minutes),
+                # A hung S3 or MLflow call must not hold the DAG's only active run forever.
+                "execution_timeout": timedelta(minutes=airflow.task_timeout_minutes),
+            },
+            access_control=access_control(pipeline),
+        )
     with dag:
         validate = ValidateDataOperator(task_id=VALIDATE_TASK, pipeline=pipeline)
         train = _train_operator(pipeline)
@@ -130,6 +159,8 @@ def placeholder_dag_id(path: Path) -> str:
 
 def build_error_dag(error: ConfigError, environment: EnvironmentConfig) -> DAG:
     message = f"This pipeline file could not be loaded and will not run until it is fixed.\n\n{error}"
+    # No access_control: the team of a file that does not load is not known. Roles that had this DAG
+    # keep it (its owners see the error), and no role gains it; its only task fails.
     dag = DAG(
         dag_id=placeholder_dag_id(error.file),
         description=f"INVALID: {error.file.name}: {error.problems[0].render() if error.problems else ''}"[

@@ -52,7 +52,8 @@ def test_schedule_and_retries_come_from_yaml(monkeypatch):
     assert prod.schedule == "0 3 * * 1" and prod.timetable.expression == "0 3 * * 1"
     assert prod.default_args["retries"] == 2
     assert prod.default_args["retry_delay"] == timedelta(minutes=10)
-    assert prod.get_task("train").execution_timeout == timedelta(minutes=720)
+    # Under Kueue the train task may also wait max_queue_wait_minutes for quota before training.
+    assert prod.get_task("train").execution_timeout == timedelta(minutes=720 + 1440)
 
     monkeypatch.setenv("TRAINYARD_ENV", "dev")
     dev = _dagbag().dags["tweet-sentiment"]
