@@ -137,6 +137,14 @@ PREEMPTED = classify(
     )
 )
 EVICTED = classify(_pod(reason="Evicted"))
+KUEUE_PREEMPTED = classify(
+    _pod([{"type": "TerminationTarget", "status": "True", "reason": "WorkloadEvictedDueToPreempted"}])
+)
+KUEUE_STOPPED = classify(
+    _pod(
+        [{"type": "TerminationTarget", "status": "True", "reason": "WorkloadEvictedDueToClusterQueueStopped"}]
+    )
+)
 NO_PRIORITY_CLASS = 'pods "x" is forbidden: no PriorityClass with name trainyard-missing'
 QUOTA = 'pods "x" is forbidden: exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=1'
 INVALID = 'Pod "x" is invalid: spec.containers[0].image: Required value'
@@ -149,6 +157,10 @@ AFTER_POD_FAILURE = {  # id: (failure, relaunches so far, limit, action, part of
     "preempted":         (PREEMPTED, 0, 2, RELAUNCH, "Relaunching (1/2, no Airflow retry used)"),
     "evicted":           (EVICTED, 1, 2, RELAUNCH, "Relaunching (2/2, no Airflow retry used)"),
     "at-the-limit":      (PREEMPTED, 2, 2, RETRYABLE, "; gave up after 2 relaunches (max_preemption"),
+    # Kueue preempting for quota is the queue at work: the run queues again, uncounted.
+    "kueue-preempted":   (KUEUE_PREEMPTED, 2, 2, RELAUNCH, "queues for quota again"),
+    "kueue-stopped":     (KUEUE_STOPPED, 0, 2, RELAUNCH, "stopped by Kueue (WorkloadEvictedDueToClusterQ"),
+    "kueue-stopped-max": (KUEUE_STOPPED, 2, 2, RETRYABLE, "gave up after 2 relaunches"),
     "relaunches-off":    (EVICTED, 0, 0, RETRYABLE, "gave up after 0 relaunches"),
     "bad-spec-exit":     (_exited(2, message="bad spec"), 0, 2, PERMANENT, "code 2 (Error): bad spec"),
     "bad-input-exit":    (_exited(3), 0, 2, PERMANENT, f"{FAILED}the trainer exited with code 3"),
@@ -177,6 +189,12 @@ def test_after_pod_failure(failure, relaunches, limit, action, fragment):
     assert fragment in step.message, step.message
     if action is not RELAUNCH:
         assert step.message.startswith(REFUSED if failure.is_refusal else FAILED), step.message
+
+
+def test_a_kueue_preemption_is_not_counted_against_the_relaunch_limit():
+    assert KUEUE_PREEMPTED.kind == "requeued" and KUEUE_PREEMPTED.is_disruption
+    assert {after_pod_failure(KUEUE_PREEMPTED, n, 1).counted for n in range(4)} == {False}
+    assert after_pod_failure(KUEUE_STOPPED, 0, 1).counted, "other Kueue stops count like any disruption"
 
 
 def test_only_a_disruption_relaunches_whatever_the_count():

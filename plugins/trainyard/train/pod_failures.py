@@ -16,6 +16,7 @@ from typing import Any, Literal
 from trainer.spec import PERMANENT_EXIT_CODES
 
 Kind = Literal[
+    "requeued",
     "preempted",
     "evicted",
     "stopped",
@@ -31,7 +32,9 @@ Kind = Literal[
     "invalid_pod",
 ]
 #: The cluster took the pod away from a healthy trainer: relaunch it, do not spend a retry.
-DISRUPTIONS: frozenset[str] = frozenset({"preempted", "evicted", "stopped", "vanished"})
+DISRUPTIONS: frozenset[str] = frozenset({"requeued", "preempted", "evicted", "stopped", "vanished"})
+#: Kueue's reason on a pod it evicts to give its quota to another workload: the queue at work.
+KUEUE_PREEMPTED = "WorkloadEvictedDueToPreempted"
 #: Conditions the cluster sets on a pod it is about to stop: kube-scheduler preemption, the
 #: Eviction API (drain), taint and node-pressure eviction (DisruptionTarget); Kueue (TerminationTarget).
 DISRUPTION_CONDITIONS = ("DisruptionTarget", "TerminationTarget")
@@ -73,6 +76,10 @@ def _disruption(pod: Any) -> PodFailure | None:
             reason = _get(condition, "reason") or "Disruption"
             detail = _get(condition, "message") or ""
             if type_ == "TerminationTarget":
+                if reason == KUEUE_PREEMPTED:
+                    return PodFailure(
+                        "requeued", f"pod {name} was preempted by Kueue ({reason}) {detail}".strip()
+                    )
                 return PodFailure("stopped", f"pod {name} was stopped by Kueue ({reason}) {detail}".strip())
             kind: Kind = "preempted" if reason == "PreemptionByScheduler" else "evicted"
             return PodFailure(kind, f"pod {name} was {kind} by the cluster ({reason}) {detail}".strip())
@@ -253,10 +260,20 @@ class Action(enum.Enum):
 class NextStep:
     action: Action
     message: str  # what the task log shows: the warning before a relaunch, or the error
+    counted: bool = True  # whether a relaunch counts against max_preemption_relaunches
 
 
 def after_pod_failure(failure: PodFailure, relaunches: int, limit: int) -> NextStep:
     """What the ``train`` task does after ``failure``, having relaunched ``relaunches`` of ``limit`` times."""
+    if failure.kind == "requeued":
+        # Kueue gave the GPUs to a higher-priority workload or to the team that lent them: the run
+        # queues again for quota. Not a fault to bound by a count; execution_timeout bounds it.
+        return NextStep(
+            Action.RELAUNCH,
+            f"{failure.message}. Relaunching: the new pod queues for quota again and the trainer "
+            "resumes from its last checkpoint (not counted against max_preemption_relaunches).",
+            counted=False,
+        )
     if failure.is_disruption:
         if relaunches < limit:
             return NextStep(

@@ -334,7 +334,11 @@ class KubernetesTrainOperator(KubernetesPodOperator):
         state = RunState.load(store)
         step = after_pod_failure(failure, state.relaunches, self.max_relaunches)
         if step.action is Action.RELAUNCH:
-            state.model_copy(update={"relaunches": state.relaunches + 1}).save(store)
+            if step.counted:
+                state = state.model_copy(update={"relaunches": state.relaunches + 1})
+            else:
+                state = state.model_copy(update={"requeues": state.requeues + 1})
+            state.save(store)
             self.log.warning("%s", step.message)
             self.pod = self.pod_request_obj = self.remote_pod = None
             self.pod_manager.last_seen, self.pod_manager.ran = None, False

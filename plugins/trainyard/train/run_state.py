@@ -52,6 +52,7 @@ class OwnedPod(StrictModel):
 
 class RunState(StrictModel):
     relaunches: int = Field(0, ge=0, description="Pods relaunched after a disruption, in this DAG run.")
+    requeues: int = Field(0, ge=0, description="Pods relaunched after Kueue preempted them (not counted).")
     pod: OwnedPod | None = None
     try_number: int | None = Field(None, description="The Airflow try the deadline belongs to.")
     deadline: datetime | None = Field(None, description="When that try's execution_timeout ends.")
