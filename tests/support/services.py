@@ -397,3 +397,55 @@ def kubernetes_connection(kubeconfig: Path) -> str:
     return json.dumps(
         {"conn_type": "kubernetes", "extra": {"kube_config_path": str(kubeconfig), "in_cluster": False}}
     )
+
+
+# ------------------------------------------------------------------------------ FAB auth manager
+
+
+#: The auth manager the Airflow Helm chart configures for Airflow 3 (``config.core.auth_manager``).
+FAB_AUTH_MANAGER = "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
+
+
+def fab_airflow_env(
+    home: Path,
+    api_port: int,
+    extra: Mapping[str, str] | None = None,
+    dags_folder: Path = ROOT / "dags",
+) -> dict[str, str]:
+    """:func:`airflow_env` with the FAB auth manager: users, roles and DAG-level permissions in the DB."""
+    env = airflow_env(
+        home, api_port, {"AIRFLOW__CORE__AUTH_MANAGER": FAB_AUTH_MANAGER, **(extra or {})}, dags_folder
+    )
+    env.pop("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", None)
+    return env
+
+
+def create_fab_user(env: Mapping[str, str], username: str, password: str, role: str = "Admin") -> None:
+    """``airflow users create`` (the FAB CLI, as the chart's createUserJob runs it)."""
+    airflow_cli(
+        env,
+        "users",
+        "create",
+        "--role",
+        role,
+        "--username",
+        username,
+        "--password",
+        password,
+        "--email",
+        f"{username}@example.com",
+        "--firstname",
+        username,
+        "--lastname",
+        "Test",
+    )
+
+
+def api_token(api_url: str, username: str, password: str) -> str:
+    """A JWT for the REST API from ``POST /auth/token`` (FAB checks the password against its DB)."""
+    response = requests.post(
+        f"{api_url}/auth/token", json={"username": username, "password": password}, timeout=30
+    )
+    if response.status_code not in (200, 201):
+        raise ServiceError(f"no token for {username}: {response.status_code} {response.text[:500]}")
+    return response.json()["access_token"]
