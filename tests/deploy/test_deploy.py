@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -22,16 +23,26 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from tests.support.deploy_files import DOCKER, deep_merge, load_yaml, requirement_pins
+from tests.support.deploy_files import (
+    CHART,
+    CLUSTER_ENVS,
+    DOCKER,
+    ENVIRONMENTS,
+    HELM,
+    chart_values,
+    deep_merge,
+    environment_text,
+    is_kueue,
+    load_yaml,
+    of_kind,
+    render,
+    requirement_pins,
+)
 from tests.support.paths import ROOT
 from trainyard.config.environment_schema import EnvironmentConfig
 from trainyard.config.loading import load_environment, load_pipeline, pipeline_files
 from trainyard.train.pod import CACHE_DIR, SCRATCH_DIR
 
-HELM = ROOT / "helm-values"
-CHART = HELM / "trainyard-cluster"
-ENVIRONMENTS = ROOT / "dags" / "environments"
-CLUSTER_ENVS = ("dev", "prod")
 KUBE_VERSION = "1.33.0"
 DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
 
@@ -40,6 +51,12 @@ ALLOWED_RBAC = {
     *(("", "pods", verb) for verb in ("create", "delete", "get", "list", "patch", "watch")),
     ("", "pods/log", "get"),
     *(("", "events", verb) for verb in ("get", "list", "watch")),
+}
+# And under Kueue: the pod's Workload, and its place in the team's LocalQueue (visibility API;
+# resource names as in Kueue's workload-viewer and pending-workloads-lq-viewer roles).
+KUEUE_RBAC = {
+    *(("kueue.x-k8s.io", "workloads", verb) for verb in ("get", "list", "watch")),
+    ("visibility.kueue.x-k8s.io", "localqueues/pendingworkloads", "get"),
 }
 
 
@@ -288,42 +305,35 @@ def test_compose_environment_is_valid_and_uses_the_stack(
 
 # --------------------------------------------------------------------------- our chart
 
-
-def chart_values(**overrides: Any) -> dict[str, Any]:
-    values = load_yaml(CHART / "values.yaml")
-    for name in CLUSTER_ENVS:
-        values = deep_merge(values, load_yaml(CHART / f"values-{name}.yaml"))
-        values["environments"][name]["file"] = (ENVIRONMENTS / f"{name}.yaml").read_text()
-    return deep_merge(values, overrides)
+# The shipped YAML schedules through Kueue; the same chart must keep rendering the other modes.
+MODES = ("kueue", "priority", "no-teams")
 
 
-def render(values: dict[str, Any]) -> list[dict[str, Any]]:
-    try:
-        import helm_python
-    except ImportError:
-        pytest.fail("helm-python-sdk is not installed: pip install -r requirements.txt")
-    with helm_python.Chart.load(str(CHART)) as chart:
-        rendered = chart.render(values=values, name="trainyard-cluster", namespace="airflow", is_install=True)
-    docs = []
-    for text in rendered.values():
-        docs.extend(doc for doc in yaml.safe_load_all(text) if doc)
-    return docs
+@dataclass(frozen=True)
+class Deployment:
+    """The chart rendered for one scheduling mode, with the environments it was rendered from."""
+
+    mode: str
+    manifests: list[dict[str, Any]]
+    environments: dict[str, EnvironmentConfig]
 
 
-@pytest.fixture(scope="module")
-def manifests() -> list[dict[str, Any]]:
-    return render(chart_values())
+@pytest.fixture(scope="module", params=MODES)
+def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Deployment:
+    mode = request.param
+    files = {name: environment_text(name, mode) for name in CLUSTER_ENVS}
+    directory = tmp_path_factory.mktemp(f"environments-{mode}")
+    for name, text in files.items():
+        (directory / f"{name}.yaml").write_text(text)
+    environments = {name: load_environment(name, directory) for name in CLUSTER_ENVS}
+    return Deployment(mode, render(chart_values(files)), environments)
 
 
-def of_kind(manifests: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [m for m in manifests if m["kind"] == kind]
-
-
-def test_chart_renders_strictly_valid_manifests(manifests: list[dict[str, Any]]) -> None:
+def test_chart_renders_strictly_valid_manifests(deployment: Deployment) -> None:
     import kubernetes_validate
 
-    kinds = {m["kind"] for m in manifests}
-    assert kinds == {
+    kinds = {m["kind"] for m in deployment.manifests}
+    expected = {
         "Namespace",
         "PriorityClass",
         "ResourceQuota",
@@ -334,8 +344,12 @@ def test_chart_renders_strictly_valid_manifests(manifests: list[dict[str, Any]])
         "NetworkPolicy",
         "Secret",
     }
-    for manifest in manifests:
-        kubernetes_validate.validate(manifest, KUBE_VERSION, strict=True)
+    if deployment.mode == "kueue":
+        expected |= {"ResourceFlavor", "ClusterQueue", "LocalQueue", "WorkloadPriorityClass"}
+    assert kinds == expected
+    for manifest in deployment.manifests:
+        if not is_kueue(manifest):  # Kueue's objects: against its CRDs, in test_kueue_chart.py
+            kubernetes_validate.validate(manifest, KUBE_VERSION, strict=True)
 
 
 def test_chart_lints() -> None:
@@ -346,37 +360,48 @@ def test_chart_lints() -> None:
     assert not [m for m in report["messages"] if m["severity"] >= 2], report
 
 
-def test_chart_names_come_from_the_environment_yaml(manifests: list[dict[str, Any]]) -> None:
+def test_chart_names_come_from_the_environment_yaml(deployment: Deployment) -> None:
     for name in CLUSTER_ENVS:
-        k8s = env(name).kubernetes
+        environment = deployment.environments[name]
+        k8s = environment.kubernetes
         assert k8s is not None
         ns = k8s.namespace
-        in_ns = [m for m in manifests if m["metadata"].get("namespace") == ns]
-        assert ns in {m["metadata"]["name"] for m in of_kind(manifests, "Namespace")}
-        assert k8s.priority_class in {m["metadata"]["name"] for m in of_kind(manifests, "PriorityClass")}
+        in_ns = [m for m in deployment.manifests if m["metadata"].get("namespace") == ns]
+        assert ns in {m["metadata"]["name"] for m in of_kind(deployment.manifests, "Namespace")}
+        classes = {m["metadata"]["name"] for m in of_kind(deployment.manifests, "PriorityClass")}
+        assert k8s.priority_class in classes
+        # the identities pods run as: each team's own (team_service_account), else the shared one
         accounts = of_kind(in_ns, "ServiceAccount")
-        assert [a["metadata"]["name"] for a in accounts] == [k8s.service_account]
-        assert accounts[0]["automountServiceAccountToken"] is False
+        wanted_accounts = {environment.team_service_account(team) for team in environment.teams}
+        wanted_accounts = wanted_accounts or {k8s.service_account}
+        assert {a["metadata"]["name"] for a in accounts} == wanted_accounts
+        assert all(a["automountServiceAccountToken"] is False for a in accounts)
         secrets = {s["metadata"]["name"]: s for s in of_kind(in_ns, "Secret")}
         wanted = set(k8s.secrets.env_from) | {ref.secret for ref in k8s.secrets.env.values()}
+        wanted |= {s for team in environment.teams for s in environment.team_credentials_secrets(team)}
         assert set(secrets) == wanted
         for ref in k8s.secrets.env.values():
             assert ref.key in secrets[ref.secret]["data"]
         for secret in secrets.values():
             assert all(value == "" for value in secret["data"].values()), "placeholders carry no values"
             assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
-        # the per-pod caps fit in the namespace quota, and bound each container
         caps = k8s.caps
         quota = next(q for q in of_kind(in_ns, "ResourceQuota") if "scopeSelector" not in q["spec"])
         hard = quota["spec"]["hard"]
-        assert int(hard["requests.nvidia.com/gpu"]) >= caps.gpus
-        assert quantity(hard["requests.cpu"]) >= quantity(caps.cpu)
-        assert quantity(hard["requests.memory"]) >= quantity(caps.memory)
+        if k8s.scheduling == "kueue":
+            # a queued pod exists and counts: only the pod count may stay (the ClusterQueues hold the rest)
+            assert set(hard) == {"pods"}
+        else:
+            # the per-pod caps fit in the namespace quota
+            assert int(hard["requests.nvidia.com/gpu"]) >= caps.gpus
+            assert quantity(hard["requests.cpu"]) >= quantity(caps.cpu)
+            assert quantity(hard["requests.memory"]) >= quantity(caps.memory)
         only_own = next(q for q in of_kind(in_ns, "ResourceQuota") if "scopeSelector" in q["spec"])
         assert only_own["spec"]["hard"] == {"pods": "0"}
         assert only_own["spec"]["scopeSelector"]["matchExpressions"] == [
             {"scopeName": "PriorityClass", "operator": "NotIn", "values": [k8s.priority_class]}
         ]
+        # the caps bound each container
         (limit_range,) = of_kind(in_ns, "LimitRange")
         maximum = limit_range["spec"]["limits"][0]["max"]
         assert maximum == {"cpu": caps.cpu, "memory": caps.memory, "nvidia.com/gpu": str(caps.gpus)}
@@ -391,8 +416,8 @@ def test_chart_names_come_from_the_environment_yaml(manifests: list[dict[str, An
             for rule in policy["spec"]["egress"]
             for port in rule["ports"]
         }
-        tracking = urlparse(env(name).mlflow.tracking_uri)
-        s3 = urlparse(env(name).storage.s3_endpoint_url or "")
+        tracking = urlparse(environment.mlflow.tracking_uri)
+        s3 = urlparse(environment.storage.s3_endpoint_url or "")
         assert targets == {
             ("kube-system", 53),
             (tracking.hostname.split(".")[1], tracking.port),  # type: ignore[union-attr]
@@ -400,21 +425,24 @@ def test_chart_names_come_from_the_environment_yaml(manifests: list[dict[str, An
         }
 
 
-def test_prod_preempts_dev_and_dev_preempts_nobody(manifests: list[dict[str, Any]]) -> None:
-    classes = {m["metadata"]["name"]: m for m in of_kind(manifests, "PriorityClass")}
-    dev = classes[env("dev").kubernetes.priority_class]  # type: ignore[union-attr]
-    prod = classes[env("prod").kubernetes.priority_class]  # type: ignore[union-attr]
+def test_prod_preempts_dev_and_dev_preempts_nobody(deployment: Deployment) -> None:
+    classes = {m["metadata"]["name"]: m for m in of_kind(deployment.manifests, "PriorityClass")}
+    dev = classes[deployment.environments["dev"].kubernetes.priority_class]  # type: ignore[union-attr]
+    prod = classes[deployment.environments["prod"].kubernetes.priority_class]  # type: ignore[union-attr]
     assert prod["value"] > dev["value"]
     assert dev["preemptionPolicy"] == "Never"
-    assert prod["preemptionPolicy"] == "PreemptLowerPriority"
+    # Under Kueue only Kueue preempts (test_kueue_chart.py); without it the scheduler does.
+    assert prod["preemptionPolicy"] == ("Never" if deployment.mode == "kueue" else "PreemptLowerPriority")
     assert not dev["globalDefault"] and not prod["globalDefault"]
 
 
-def test_rbac_grants_exactly_what_the_pod_operator_needs(manifests: list[dict[str, Any]]) -> None:
+def test_rbac_grants_exactly_what_the_pod_operator_needs(deployment: Deployment) -> None:
+    manifests = deployment.manifests
     assert not of_kind(manifests, "ClusterRole") and not of_kind(manifests, "ClusterRoleBinding")
-    training = {env(name).kubernetes.namespace: name for name in CLUSTER_ENVS}  # type: ignore[union-attr]
+    training = {env.kubernetes.namespace: name for name, env in deployment.environments.items()}  # type: ignore[union-attr]
     roles = of_kind(manifests, "Role")
     assert {r["metadata"]["namespace"] for r in roles} == set(training)
+    allowed = ALLOWED_RBAC | (KUEUE_RBAC if deployment.mode == "kueue" else set())
     for role in roles:
         granted = set()
         for rule in role["rules"]:
@@ -422,7 +450,7 @@ def test_rbac_grants_exactly_what_the_pod_operator_needs(manifests: list[dict[st
             granted |= {
                 (g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
             }
-        assert granted == ALLOWED_RBAC, granted ^ ALLOWED_RBAC
+        assert granted == allowed, granted ^ allowed
     bindings = of_kind(manifests, "RoleBinding")
     assert {b["metadata"]["namespace"] for b in bindings} == set(training)
     chart = load_yaml(CHART / "values.yaml")
@@ -459,7 +487,8 @@ def test_chart_refuses_a_missing_environment_file() -> None:
 def test_chart_refuses_a_quota_below_the_environment_cap() -> None:
     import helm_python
 
-    values = chart_values(environments={"prod": {"quota": {"gpus": 2}}})
+    files = {name: environment_text(name, "priority") for name in CLUSTER_ENVS}
+    values = chart_values(files, environments={"prod": {"quota": {"gpus": 2}}})
     with pytest.raises(helm_python.HelmError, match=r"quota.gpus .* below"):
         render(values)
 
@@ -554,10 +583,17 @@ EXPECTED_KEYS: dict[str, tuple[str, ...]] = {
         "grafana.dashboardProviders",
         "grafana.dashboards.trainyard",
     ),
+    "kueue/values.yaml": (
+        "controllerManager.manager.image.repository",
+        "controllerManager.manager.image.tag",
+        "controllerManager.featureGates",
+        "managerConfig.controllerManagerConfigYaml",
+    ),
     "trainyard-cluster/values.yaml": (
         "airflowNamespace",
         "secrets.create",
         "secrets.envFromKeys",
+        "secrets.teamCredentialsKeys",
         "networkPolicy.dns.podLabels",
         "networkPolicy.mlflow.podLabels",
         "networkPolicy.minio.podLabels",
@@ -568,6 +604,12 @@ EXPECTED_KEYS: dict[str, tuple[str, ...]] = {
         "environments.dev.priorityClass.preemptionPolicy",
         "environments.dev.quota.gpus",
         "environments.dev.limitRange.default",
+        "environments.dev.workloadPriorityClass.value",
+        "environments.dev.clusterQueue.queueingStrategy",
+        "environments.dev.clusterQueue.preemption.reclaimWithinCohort",
+        "environments.dev.clusterQueue.preemption.withinClusterQueue",
+        "environments.dev.clusterQueue.preemption.borrowWithinCohort",
+        "environments.dev.teamServiceAccountAnnotations",
     ),
     "trainyard-cluster/values-prod.yaml": (
         "environments.prod.airflowServiceAccounts",
@@ -575,6 +617,12 @@ EXPECTED_KEYS: dict[str, tuple[str, ...]] = {
         "environments.prod.priorityClass.preemptionPolicy",
         "environments.prod.quota.gpus",
         "environments.prod.limitRange.default",
+        "environments.prod.workloadPriorityClass.value",
+        "environments.prod.clusterQueue.queueingStrategy",
+        "environments.prod.clusterQueue.preemption.reclaimWithinCohort",
+        "environments.prod.clusterQueue.preemption.withinClusterQueue",
+        "environments.prod.clusterQueue.preemption.borrowWithinCohort",
+        "environments.prod.teamServiceAccountAnnotations",
     ),
 }
 CHART_HEADER = re.compile(r"^# (Chart: \S+/\S+ v?\d+\.\d+\.\d+|trainyard-cluster)", re.MULTILINE)
@@ -696,8 +744,9 @@ def test_monitoring_selects_every_service_monitor_and_gpu_labels_match() -> None
     for name in CLUSTER_ENVS:
         k8s = env(name).kubernetes
         assert k8s is not None
-        for labels in k8s.gpu_node_selectors.values():
-            assert set(labels) == {"nvidia.com/gpu.product"}, "the label GPU feature discovery sets"
+        for gpu_type in k8s.gpu_types.values():
+            labels = set(gpu_type.node_labels)
+            assert labels == {"nvidia.com/gpu.product"}, "the label GPU feature discovery sets"
         tolerated = {(t["key"], t["effect"]) for t in gpu["daemonsets"]["tolerations"]}
         assert {(t.key, t.effect) for t in k8s.tolerations} <= tolerated
     jobs = [job["job_name"] for job in prometheus["prometheus"]["prometheusSpec"]["additionalScrapeConfigs"]]

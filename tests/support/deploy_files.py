@@ -1,4 +1,5 @@
-"""The deployment files read strictly: duplicate YAML keys and unpinned requirements fail."""
+"""The deployment files read strictly (duplicate YAML keys and unpinned requirements fail), and
+our cluster chart rendered as docs/deploy.md installs it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.support.paths import ROOT
@@ -54,3 +56,59 @@ def requirement_pins(path: Path) -> dict[str, str]:
         assert match, f"{path.name}: '{line}' is not pinned with =="
         pins[re.sub(r"[-_.]+", "-", match[1]).lower()] = match[2]
     return pins
+
+
+# --------------------------------------------------------------------------- trainyard-cluster chart
+
+HELM = ROOT / "helm-values"
+CHART = HELM / "trainyard-cluster"
+ENVIRONMENTS = ROOT / "dags" / "environments"
+CLUSTER_ENVS = ("dev", "prod")
+KUEUE_GROUP = "kueue.x-k8s.io"
+
+
+def environment_text(name: str, mode: str = "kueue") -> str:
+    """dags/environments/<name>.yaml as shipped (kueue), in priority mode with its teams
+    (priority), or as it was before teams and Kueue (no-teams: one shared S3 Secret)."""
+    text = (ENVIRONMENTS / f"{name}.yaml").read_text()
+    if mode == "kueue":
+        return text
+    data = yaml.safe_load(text)
+    data["kubernetes"]["scheduling"] = "priority"
+    if mode == "no-teams":
+        del data["kubernetes"]["scheduling"]
+        data.pop("teams", None)
+        data["kubernetes"]["secrets"]["env_from"] = ["trainyard-s3-credentials"]
+    else:
+        assert mode == "priority", mode
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def chart_values(files: dict[str, str] | None = None, **overrides: Any) -> dict[str, Any]:
+    """The chart's values as docs/deploy.md installs it; `files` replaces environment YAML texts."""
+    values = load_yaml(CHART / "values.yaml")
+    for name in CLUSTER_ENVS:
+        values = deep_merge(values, load_yaml(CHART / f"values-{name}.yaml"))
+        values["environments"][name]["file"] = (files or {}).get(name) or environment_text(name)
+    return deep_merge(values, overrides)
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    try:
+        import helm_python
+    except ImportError:
+        pytest.fail("helm-python-sdk is not installed: pip install -r requirements.txt")
+    with helm_python.Chart.load(str(CHART)) as chart:
+        rendered = chart.render(values=values, name="trainyard-cluster", namespace="airflow", is_install=True)
+    docs = []
+    for text in rendered.values():
+        docs.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return docs
+
+
+def of_kind(manifests: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [m for m in manifests if m["kind"] == kind]
+
+
+def is_kueue(manifest: dict[str, Any]) -> bool:
+    return manifest["apiVersion"].split("/")[0] == KUEUE_GROUP

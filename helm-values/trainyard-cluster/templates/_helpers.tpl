@@ -17,7 +17,88 @@ Call: include "trainyard.environment" (list $name $cfg) | fromYaml
 {{- $_ := required (printf "environments.%s.file: kubernetes.namespace missing" $name) $k.namespace -}}
 {{- $_ := required (printf "environments.%s.file: kubernetes.priority_class missing" $name) $k.priority_class -}}
 {{- $_ := required (printf "environments.%s.file: kubernetes.service_account missing" $name) $k.service_account -}}
+{{- $mode := default "priority" $k.scheduling -}}
+{{- if not (has $mode (list "kueue" "priority")) -}}
+{{- fail (printf "environments.%s.file: kubernetes.scheduling must be kueue or priority (got %v)" $name $mode) -}}
+{{- end -}}
+{{- if and $env.teams ($k.secrets | default dict).env_from -}}
+{{- fail (printf "environments.%s.file: kubernetes.secrets.env_from is shared by every team; with teams declared each team has its own credentials (teams.<team>.credentials_secret): remove it" $name) -}}
+{{- end -}}
+{{- if eq $mode "kueue" -}}
+{{- if not $env.teams -}}
+{{- fail (printf "environments.%s.file: kubernetes.scheduling is kueue but no teams are declared (each team is a ClusterQueue)" $name) -}}
+{{- end -}}
+{{- if not $k.gpu_types -}}
+{{- fail (printf "environments.%s.file: kubernetes.scheduling is kueue but kubernetes.gpu_types is empty (each GPU type is a ResourceFlavor)" $name) -}}
+{{- end -}}
+{{- end -}}
 {{- toYaml $env -}}
+{{- end -}}
+
+{{/* Whether an environment (parsed) schedules through Kueue: "true" or "". */}}
+{{- define "trainyard.kueue" -}}
+{{- if eq (default "priority" .kubernetes.scheduling) "kueue" -}}true{{- end -}}
+{{- end -}}
+
+{{/* The ServiceAccount a team's pods run as (EnvironmentConfig.team_service_account). list $team $cfg */}}
+{{- define "trainyard.teamServiceAccount" -}}
+{{- $team := index . 0 -}}
+{{- $t := index . 1 | default dict -}}
+{{- $t.service_account | default (printf "trainyard-%s" $team) -}}
+{{- end -}}
+
+{{/*
+A team's GPUs per GPU type, as EnvironmentConfig.gpu_counts reads them: a bare number needs exactly
+one GPU type, a map may omit types (0). Output YAML {type: count}. list $env $team $field $value $k
+*/}}
+{{- define "trainyard.gpuCounts" -}}
+{{- $envName := index . 0 -}}
+{{- $team := index . 1 -}}
+{{- $field := index . 2 -}}
+{{- $value := index . 3 -}}
+{{- $k := index . 4 -}}
+{{- $types := keys ($k.gpu_types | default dict) | sortAlpha -}}
+{{- $counts := dict -}}
+{{- if kindIs "map" $value -}}
+{{- range $type, $n := $value -}}
+{{- if not (has $type $types) -}}
+{{- fail (printf "environments.%s.file: teams.%s.%s: unknown GPU type %s; kubernetes.gpu_types has %s" $envName $team $field $type (join ", " $types)) -}}
+{{- end -}}
+{{- end -}}
+{{- range $type := $types -}}
+{{- $_ := set $counts $type (get $value $type | default 0) -}}
+{{- end -}}
+{{- else -}}
+{{- if ne (len $types) 1 -}}
+{{- fail (printf "environments.%s.file: teams.%s.%s: %v is ambiguous with GPU types %s; write {<gpu_type>: <count>}" $envName $team $field $value (join ", " $types)) -}}
+{{- end -}}
+{{- $_ := set $counts (first $types) ($value | default 0) -}}
+{{- end -}}
+{{- range $type, $n := $counts -}}
+{{- if or (not (has (kindOf $n) (list "float64" "int" "int64"))) (lt (float64 $n) 0.0) (ne (toString $n) (toString (int64 $n))) -}}
+{{- fail (printf "environments.%s.file: teams.%s.%s: %v GPUs of %s is not a whole number >= 0" $envName $team $field $n $type) -}}
+{{- end -}}
+{{- $_ := set $counts $type (int64 $n) -}}
+{{- end -}}
+{{- toYaml $counts -}}
+{{- end -}}
+
+{{/*
+Tolerations as the pod gets them (pydantic's defaults: operator Exists), for a ResourceFlavor.
+Output YAML {items: [...]}. Input: the raw list.
+*/}}
+{{- define "trainyard.tolerations" -}}
+{{- $out := list -}}
+{{- range $t := . | default list -}}
+{{- $item := dict "operator" ($t.operator | default "Exists") -}}
+{{- range $field := list "key" "value" "effect" -}}
+{{- if and (hasKey $t $field) (not (kindIs "invalid" (index $t $field))) -}}
+{{- $_ := set $item $field (index $t $field) -}}
+{{- end -}}
+{{- end -}}
+{{- $out = append $out $item -}}
+{{- end -}}
+{{- toYaml (dict "items" $out) -}}
 {{- end -}}
 
 {{/* host, port and namespace of an in-cluster URL such as http://svc.ns.svc.cluster.local:5000 */}}
