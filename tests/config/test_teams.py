@@ -121,6 +121,7 @@ def test_a_pipeline_its_quota_could_never_admit_is_refused(config_dirs):
             "kubernetes.secrets.env_from is shared by every team",
         ),
         ("      data: [s3://trainyard-dev-datasets/nlp/]", "      data: [nlp/]", "must be an s3://"),
+        ("    a100: {node_labels:", "    A100_80GB: {node_labels:", "names the Kueue ResourceFlavor"),
     ],
 )
 def test_bad_team_declarations_are_refused(config_dirs, old, new, fragment):

@@ -232,6 +232,17 @@ class KubernetesSettings(StrictModel):
                 data["gpu_types"] = {k: {"node_labels": v} for k, v in old.items()}
         return data
 
+    @field_validator("gpu_types")
+    @classmethod
+    def _flavor_names(cls, types: dict[str, GpuType]) -> dict[str, GpuType]:
+        for name in types:
+            if not re.match(DNS_LABEL, name) or len(name) > 50:
+                raise ValueError(
+                    f"GPU type '{name}' must be lowercase letters, digits and '-' (at most 50): it names "
+                    "the Kueue ResourceFlavor trainyard-<type>"
+                )
+        return types
+
     @staticmethod
     def gpu_counts(
         team: str, field: str, value: GpuCount | None, k8s: KubernetesSettings
