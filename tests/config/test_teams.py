@@ -79,6 +79,14 @@ def _line_of_value(path: Path, value: str) -> int:
     return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if value in line)
 
 
+def test_teams_apply_to_a_local_environment_too(config_dirs):
+    pipelines, environments = config_dirs
+    with (environments / "local.yaml").open("a") as handle:
+        handle.write("teams:\n  nlp:\n    storage: {data: [/srv/nlp/], models: [/srv/nlp/]}\n")
+    problems = _error(pipelines, environments, "local").problems
+    assert [p.path for p in problems] == ["dataset.train", "dataset.validation", "model.base"]
+
+
 @pytest.mark.parametrize(
     ("location", "prefixes", "outside"),
     [

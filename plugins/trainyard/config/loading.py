@@ -182,7 +182,7 @@ def environment_limits(config: PipelineConfig, environment: EnvironmentConfig) -
     """(field path, problem, fix) where the pipeline asks for more than the environment allows."""
     k8s = environment.kubernetes
     if k8s is None:
-        return []
+        return _team_problems(config, environment)
     from kubernetes.utils.quantity import parse_quantity
 
     found: list[tuple[Loc, str, str]] = []
