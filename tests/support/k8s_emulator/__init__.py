@@ -17,8 +17,11 @@ What is real and what is emulated (modules in brackets):
   ``notin``), field selectors (a per-kind whitelist; others are 400 like the real server), watches
   (``?watch=true``, newline-delimited events), merge / strategic-merge patches of ``metadata.labels``
   and ``annotations`` (other fields: 422 like the real "pod updates may not change fields" rule) and
-  graceful deletion. Served: ``/version``; pods (list, watch, create, get, patch, delete, log) and
-  events (list, watch) in a namespace. Any other path is a 404 listed in ``unknown_routes``.
+  graceful deletion, finalizers (a deleted pod stays, marked, until its finalizers are gone).
+  Served: ``/version``; pods (list, watch, create, get, patch, delete, log) and events (list, watch)
+  in a namespace; Kueue's objects and visibility API (below). Any other path is a 404 listed in
+  ``unknown_routes``. A pod with ``spec.schedulingGates`` gets ``PodScheduled=False``
+  ``SchedulingGated`` at creation, as the pod strategy sets it, and the kubelet leaves it alone.
 * **Admission** [admission], in the real order: schema validation against the bundled Kubernetes
   OpenAPI schema (``kubernetes_validate``, strict: unknown fields are errors) plus the semantic rules a
   schema cannot express (names, duplicate containers, quantities, extended resources, requests <=
@@ -61,6 +64,31 @@ What is real and what is emulated (modules in brackets):
   answers an admitted create with 504; :meth:`~KubernetesEmulator.container_runs` lists every
   process with its start and end, so a test can prove two never overlapped.
 
+* **Kueue v0.19.2** [kueue, kueue_pods, kueue_scheduler, kueue_quota, kueue_api, kueue_model,
+  kueue_schema], installed by the first :meth:`~KubernetesEmulator.apply_kueue` (before that,
+  Kueue labels mean nothing, as on a cluster without Kueue). Why: the training operator waits in
+  LocalQueues, reads its Workload and its queue position, and is preempted by Kueue; those paths
+  must meet upstream's objects and wording, not a guess. Real (ported from upstream's source, with
+  its messages): ResourceFlavor, ClusterQueue, LocalQueue, WorkloadPriorityClass and Cohort
+  validated strictly against the upstream v1beta2 CRDs in ``../shared`` (unknown field: 400;
+  skipped, with everything else kept, where ``../shared`` is absent) and defaulted from them; the
+  pod webhook (managed label, finalizer, the ``admission`` and ``topology`` gates, role hash); the
+  pod integration (a Workload per pod named like ``GetWorkloadNameForPod``, ``job-uid`` label,
+  controller ownerReference, priority from ``kueue.x-k8s.io/priority-class`` or the pod's
+  PriorityClass; ``Run`` merges flavor nodeLabels/tolerations and the queue labels and ungates;
+  ``Stop`` sets ``TerminationTarget`` and deletes with the pod's grace period; ``Finished``
+  ``Succeeded``/``Failed``/``OwnerNotFound``); classic scheduling (BestEffortFIFO/StrictFIFO,
+  flavor assignment with fungibility, cohorts with borrowing and lending limits, the default
+  BlockUndeclared quota check) and classic preemption (``withinClusterQueue``,
+  ``reclaimWithinCohort``, ``borrowWithinCohort``) with upstream's conditions and events; the
+  legacy pending reasons (``Pending``, ``Inadmissible``: UnadmittedWorkloadsObservability is off
+  by default); garbage collection of a Workload whose pod is gone; the visibility API's
+  ``pendingworkloads``. Emulated: the controllers run in one thread woken by every change, a few
+  milliseconds after the write, as informers would; kube-scheduler binds a pod Kueue admitted by
+  preemption only once the pods preempted for it are gone (they hold the node's GPUs until then).
+  Left out: fair sharing, admission checks, TAS placement, partial admission, pod groups (refused
+  with a 400), MultiKueue, writes to Kueue objects over HTTP (tests apply them).
+
 Not emulated: ``exec``/``attach``/``portforward`` (so no ``do_xcom_push`` sidecar), the Eviction API
 endpoint (``drain`` does what it does), ``dryRun``, container restarts (every ``restartPolicy``
 behaves like ``Never``), scheduling against node capacity (``hold_scheduling`` stands in),
@@ -69,7 +97,7 @@ ResourceQuotas through the API (tests create them with ``add_*``; admission enfo
 
 Tests observe the cluster only through :class:`KubernetesEmulator`'s public methods
 (``pods``, ``logs``, ``events``, ``requests_log``, ``received_pods``, ``admitted_pods``,
-``process_environ``, ``wait_for_pod``, ...), never through its store.
+``process_environ``, ``wait_for_pod``, ``workloads``, ``admission_log``, ...), never through its store.
 """
 
 from .emulator import KubernetesEmulator

@@ -1,4 +1,4 @@
-"""The API server's verbs on pods and events: what each HTTP route does, without the HTTP.
+"""The API server's verbs on pods and events (Kueue's in kueue.py): each HTTP route's work, without HTTP.
 
 Objects leave the store only as deep copies, so a caller can never change cluster state by
 mutating what it was given (the real server's answers are serialized copies too).
@@ -14,9 +14,10 @@ from typing import Any
 
 from . import admission
 from .kubelet import Kubelet
+from .kueue import Kueue
 from .selectors import field_selector, label_selector
 from .status import ApiError, invalid, not_found
-from .store import POLL, PodRuntime, Store, now
+from .store import POLL, PodRuntime, Store, now, set_condition
 
 MERGE_PATCHES = ("application/merge-patch+json", "application/strategic-merge-patch+json")
 UNSUPPORTED_LOG_OPTIONS = ("sinceTime", "limitBytes")
@@ -32,6 +33,7 @@ class ApiServer:
     def __init__(self, store: Store, kubelet: Kubelet):
         self.store = store
         self.kubelet = kubelet
+        self.kueue = Kueue(store, self)  # inert until the first Kueue object is applied
 
     # ------------------------------------------------------------------------------------------ pods
 
@@ -49,6 +51,10 @@ class ApiServer:
                 raise not_found("namespaces", namespace)
             admission.apply_defaults(pod, namespace)
             admission.admit_priority(pod, store.priority_classes)
+            self.kueue.webhook(pod)  # a mutating webhook: after the built-in mutating plugins
+            if pod["spec"].get("schedulingGates"):  # the pod strategy's PrepareForCreate
+                message = "Scheduling is blocked due to non-empty scheduling gates"
+                set_condition(pod, "PodScheduled", "False", "SchedulingGated", message)
             used = admission.namespace_usage(r.obj for (ns, _), r in store.pods.items() if ns == namespace)
             admission.admit_quota(pod, store.quotas.get(namespace, {}), used)
             if (namespace, name) in store.pods:
@@ -119,8 +125,13 @@ class ApiServer:
 
     # ---------------------------------------------------------------------------------- list and watch
 
-    def list(self, resource: str, namespace: str, query: dict[str, str]) -> tuple[list[dict], str, Callable]:
+    def list(
+        self, resource: str, namespace: str | None, query: dict[str, str]
+    ) -> tuple[list[dict], str, Callable]:
         """The matching pods or events, the list's resourceVersion, and the filter a watch goes on with."""
+        if resource not in ("pods", "events"):  # a Kueue resource (kueue.py serves those)
+            with self.store.lock:
+                return self.kueue.list(resource, namespace, query)
         labels = label_selector(query.get("labelSelector", ""))
         fields = field_selector(query.get("fieldSelector", ""), resource)
 

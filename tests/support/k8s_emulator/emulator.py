@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -24,7 +24,8 @@ from .admission import parse_quantity
 from .api import ApiServer
 from .http import Handler
 from .kubelet import Kubelet, kill_group
-from .store import NODE_NAME, POLL, PodRuntime, Store, now, set_condition
+from .status import ApiError
+from .store import NODE_NAME, POLL, PodRuntime, Store, now
 
 BUILTIN_PRIORITY_CLASSES = {"system-cluster-critical": 2000000000, "system-node-critical": 2000001000}
 
@@ -87,6 +88,8 @@ class KubernetesEmulator:
         for runtime in runtimes:
             if runtime.thread is not None:
                 runtime.thread.join(timeout=2)
+        if self._api.kueue.thread is not None:
+            self._api.kueue.thread.join(timeout=5)
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> KubernetesEmulator:
@@ -166,6 +169,78 @@ class KubernetesEmulator:
                 directory.mkdir(parents=True, exist_ok=True)
                 self._store.pvcs[(namespace, name)] = directory
             return directory
+
+    # ------------------------------------------------------------------------------------------- Kueue
+
+    def apply_kueue(self, obj: dict) -> dict:
+        """Create or update a ``kueue.x-k8s.io/v1beta2`` ResourceFlavor, ClusterQueue, LocalQueue,
+        WorkloadPriorityClass or Cohort; the first one installs Kueue (see ``kueue.py``).
+
+        The object is validated strictly against its upstream CRD when ``../shared`` has it: an
+        unknown field is a 400 ``ApiError``, any other schema error a 422. Returns it as stored.
+        """
+        return self._api.kueue.apply(obj)
+
+    def apply_kueue_objects(self, objects: Iterable[dict]) -> list[dict]:
+        """``apply_kueue`` for each, in order (flavors before the ClusterQueues that name them)."""
+        return [self.apply_kueue(obj) for obj in objects]
+
+    def delete_kueue(self, kind: str, name: str, namespace: str = "") -> None:
+        self._api.kueue.delete(kind, name, namespace)
+
+    def kueue_object(self, kind: str, name: str, namespace: str = "") -> dict | None:
+        """A Kueue object as the API serves it (ClusterQueue/LocalQueue with their status), or None."""
+        with self._store.lock:
+            try:
+                return self._api.kueue.read(kind, namespace, name)
+            except ApiError:
+                return None
+
+    def workloads(self, namespace: str | None = None, include_deleted: bool = False) -> list[dict]:
+        """Kueue's Workloads (copies), oldest first; with ``include_deleted`` the garbage-collected too."""
+        kueue = self._api.kueue
+        with self._store.lock:
+            live = list(kueue.workloads.values())
+            found = (kueue.deleted + live) if include_deleted else live
+            return [
+                copy.deepcopy(w)
+                for w in sorted(found, key=kueue.order)
+                if namespace in (None, w["metadata"]["namespace"])
+            ]
+
+    def workload_for_pod(self, namespace: str, pod_name: str) -> dict | None:
+        """The Workload Kueue made for a live pod (found by its ``kueue.x-k8s.io/job-uid`` label)."""
+        with self._store.lock:
+            runtime = self._store.pods.get((namespace, pod_name))
+            found = self._api.kueue.workload_of(runtime.obj["metadata"]["uid"]) if runtime else None
+            return copy.deepcopy(found)
+
+    def wait_for_workload(
+        self, namespace: str, predicate: Callable[[dict], bool], timeout: float = 30
+    ) -> dict:
+        """Block until a Workload in ``namespace`` satisfies ``predicate`` (called with a copy)."""
+        store = self._store
+        deadline = time.monotonic() + timeout
+        with store.lock:
+            while True:
+                for workload in self.workloads(namespace):
+                    if predicate(workload):
+                        return workload
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no Workload in {namespace!r} matched within {timeout}s")
+                store.changed.wait(min(remaining, POLL * 4))
+
+    def admission_log(self) -> list[tuple[float, str, str, str, int]]:
+        """Kueue's quota decisions in order: ``(monotonic time, "ns/workload", cluster queue, what, gpus)``.
+
+        ``what`` is ``admitted`` (quota reserved), ``preempted`` (evicted for another workload) or
+        ``finished`` (a workload that had been admitted ended). A workload holds its GPUs from
+        ``admitted`` to its next ``preempted`` or ``finished``: what a GPU-busy-time benchmark sums.
+        Times are ``time.monotonic()``, comparable with :meth:`container_runs`.
+        """
+        with self._store.lock:
+            return list(self._api.kueue.log)
 
     # --------------------------------------------------------------------------- what tests read (hooks)
 
@@ -381,10 +456,7 @@ class KubernetesEmulator:
         """Mark the pod (a condition and an event), then stop it: by DELETE, or in place with ``status``."""
         with self._store.lock:
             runtime = self._kubelet.running_pod(namespace, name)
-            runtime.disruption = status or {"reason": None, "message": condition[2]}
-            set_condition(runtime.obj, condition[0], "True", condition[1], condition[2])
-            self._store.event(runtime, *event)
-            self._store.touch(runtime)
+            self._kubelet.mark_disrupted(runtime, condition, event, status)
             grace = runtime.obj["spec"].get("terminationGracePeriodSeconds", 30)
         grace = grace if grace_seconds is None else grace_seconds
         if delete:

@@ -1,6 +1,7 @@
 """HTTP/1.1 in front of the API verbs: bearer-token auth, a routing table, JSON and chunked streams.
 
-Only the routes the pod operator and the ``kubernetes`` clients call are served. Any other path is
+Only the routes the pod operator, the ``kubernetes`` clients and Kueue readers (the Kueue objects
+and the visibility API, read-only) call are served. Any other path is
 a 404 recorded in ``unknown_routes``, so a test can assert that a run needed nothing the emulator
 lacks; a known path with another method is a 405, as on the real server.
 """
@@ -16,9 +17,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from .api import ApiServer, truthy
+from .kueue_schema import API_VERSION, PLURAL_KIND
 from .status import ApiError
 
 K8S_VERSION = {
@@ -59,7 +61,7 @@ class Handler(BaseHTTPRequestHandler):
         store = self.api.store
         self._body_read = False
         split = urlsplit(self.path)
-        path = split.path.rstrip("/") or "/"
+        path = unquote(split.path).rstrip("/") or "/"  # decoded, as Go servers route
         query = {key: values[-1] for key, values in parse_qs(split.query, keep_blank_values=True).items()}
         with store.lock:
             store.requests.append((method, self.path))
@@ -143,16 +145,26 @@ def _version(h: Handler, query: dict[str, str]) -> None:
 def _list(resource: str) -> Callable[..., None]:
     """A list, or with ``?watch=true`` newline-delimited watch events (from ``resourceVersion`` if given)."""
 
-    def route(h: Handler, query: dict[str, str], namespace: str) -> None:
-        items, rv, matches = h.api.list(resource, namespace, query)
+    def route(h: Handler, query: dict[str, str], namespace: str | None = None, plural: str = "") -> None:
+        items, rv, matches = h.api.list(plural or resource, namespace, query)
         if not truthy(query.get("watch")):
-            kind = "PodList" if resource == "pods" else "EventList"
-            body = {"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": rv}, "items": items}
+            if plural:
+                kind, api_version = f"{PLURAL_KIND[plural]}List", API_VERSION
+            else:
+                kind, api_version = ("PodList" if resource == "pods" else "EventList"), "v1"
+            body = {
+                "kind": kind,
+                "apiVersion": api_version,
+                "metadata": {"resourceVersion": rv, **({"continue": ""} if plural else {})},
+                "items": items,
+            }
             return h.send_json(200, body)
         since = query.get("resourceVersion")
         since_rv = int(since) if since not in (None, "", "0") else None
         initial = [] if since_rv is not None else items
-        events = h.api.watch(resource, matches, since_rv, initial, float(query.get("timeoutSeconds") or 1800))
+        events = h.api.watch(
+            plural or resource, matches, since_rv, initial, float(query.get("timeoutSeconds") or 1800)
+        )
         h.send_stream("application/json", (json.dumps(e).encode() + b"\n" if e else b"" for e in events))
         return None
 
@@ -195,8 +207,25 @@ def _pod_log(h: Handler, query: dict[str, str], namespace: str, name: str) -> No
     h.send_stream("text/plain", h.api.log(namespace, name, query))
 
 
+def _kueue_get(h: Handler, query: dict[str, str], plural: str, name: str, namespace: str = "") -> None:
+    with h.api.store.lock:
+        h.send_json(200, h.api.kueue.read(PLURAL_KIND[plural], namespace, name))
+
+
+def _pending_workloads(h: Handler, query: dict[str, str], **where: str) -> None:
+    with h.api.store.lock:
+        summary = h.api.kueue.pending_workloads(
+            where.get("cluster_queue"), where.get("namespace"), where.get("local_queue"), query
+        )
+    h.send_json(200, summary)
+
+
 _NS = r"/api/v1/namespaces/(?P<namespace>[^/]+)"
 _POD = _NS + r"/pods/(?P<name>[^/]+)"
+_NAME = r"(?P<name>[^/]+)"
+_KUEUE = r"/apis/kueue\.x-k8s\.io/v1beta2"  # read-only: tests set Kueue up with apply_kueue
+_KUEUE_NS = _KUEUE + r"/namespaces/(?P<namespace>[^/]+)"
+_VISIBILITY = r"/apis/visibility\.kueue\.x-k8s\.io/v1beta2"
 ROUTES: list[tuple[str, str, Callable[..., None]]] = [
     ("GET", r"/version", _version),
     ("GET", _NS + r"/pods", _list("pods")),
@@ -206,6 +235,25 @@ ROUTES: list[tuple[str, str, Callable[..., None]]] = [
     ("DELETE", _POD, _delete_pod),
     ("GET", _POD + r"/log", _pod_log),
     ("GET", _NS + r"/events", _list("events")),
+    (
+        "GET",
+        _KUEUE + r"/(?P<plural>resourceflavors|clusterqueues|workloadpriorityclasses|cohorts)",
+        _list(""),
+    ),
+    (
+        "GET",
+        _KUEUE + r"/(?P<plural>resourceflavors|clusterqueues|workloadpriorityclasses|cohorts)/" + _NAME,
+        _kueue_get,
+    ),
+    ("GET", _KUEUE + r"/(?P<plural>localqueues|workloads)", _list("")),
+    ("GET", _KUEUE_NS + r"/(?P<plural>localqueues|workloads)", _list("")),
+    ("GET", _KUEUE_NS + r"/(?P<plural>localqueues|workloads)/" + _NAME, _kueue_get),
+    ("GET", _VISIBILITY + r"/clusterqueues/(?P<cluster_queue>[^/]+)/pendingworkloads", _pending_workloads),
+    (
+        "GET",
+        _VISIBILITY + r"/namespaces/(?P<namespace>[^/]+)/localqueues/(?P<local_queue>[^/]+)/pendingworkloads",
+        _pending_workloads,
+    ),
 ]
 _COMPILED = [(method, re.compile(f"^{pattern}$"), route) for method, pattern, route in ROUTES]
 

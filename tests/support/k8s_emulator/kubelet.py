@@ -81,9 +81,16 @@ class Kubelet:
         store, pod = self.store, runtime.obj
         meta = pod["metadata"]
         with store.lock:
-            if store.scheduling_held:
+            # A gated pod is not even tried (the API server set PodScheduled=False SchedulingGated).
+            while pod["spec"].get("schedulingGates") and not (runtime.gone or store.stopping.is_set()):
+                store.changed.wait(POLL * 4)
+
+            def blocked() -> bool:
+                return store.scheduling_held or any(check(runtime) for check in store.scheduling_blockers)
+
+            if blocked() and not runtime.gone:
                 self._unschedulable(runtime)
-            while store.scheduling_held and not (runtime.gone or store.stopping.is_set()):
+            while blocked() and not (runtime.gone or store.stopping.is_set()):
                 store.changed.wait(POLL * 4)
             if runtime.gone or store.stopping.is_set():
                 return False
@@ -122,6 +129,23 @@ class Kubelet:
             ]
             store.touch(runtime)
         return True
+
+    def mark_disrupted(
+        self,
+        runtime: PodRuntime,
+        condition: tuple[str, str, str],
+        event: tuple[str, str, str],
+        status: dict | None = None,
+        component: str = "kubelet",
+    ) -> None:
+        """What the disrupting component writes before it stops a pod: a condition, an event, the end.
+
+        ``status`` is the reason/message the pod's final status gets (default: the condition's message).
+        """
+        runtime.disruption = status or {"reason": None, "message": condition[2]}
+        set_condition(runtime.obj, condition[0], "True", condition[1], condition[2])
+        self.store.event(runtime, *event, component=component)
+        self.store.touch(runtime)
 
     def _unschedulable(self, runtime: PodRuntime) -> None:
         """What kube-scheduler reports for a pod no node can take: PodScheduled False, FailedScheduling."""

@@ -10,6 +10,7 @@ import copy
 import subprocess
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class PodRuntime:
         self.terminating = False
         self.disruption: dict | None = None  # status reason/message applied when the process ends
         self.gone = False
+        self.removal_pending = False  # deleted, but a finalizer still holds the object (see Store.remove)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -91,6 +93,8 @@ class Store:
         self.lose_create_responses = 0  # admitted creates answered 504, as an overloaded API server can
         # Each container process: pod uid, name, labels, monotonic start and end (None while running).
         self.container_runs: list[dict] = []
+        # Reasons kube-scheduler would not bind an ungated pod yet (Kueue's preempted pods still there).
+        self.scheduling_blockers: list[Callable[[PodRuntime], bool]] = []
 
     def bump(self) -> str:
         self.rv += 1
@@ -112,12 +116,33 @@ class Store:
         return runtime
 
     def remove(self, runtime: PodRuntime) -> None:
+        """The object leaves the API, unless a finalizer holds it: then it waits, marked for deletion."""
+        meta = runtime.obj["metadata"]
+        if meta.get("finalizers"):
+            runtime.removal_pending = True
+            if not meta.get("deletionTimestamp"):
+                meta.update(deletionTimestamp=now(), deletionGracePeriodSeconds=0)
+                self.touch(runtime)
+            return
         runtime.gone = True
         if self.pods.get(runtime.key) is runtime:
             del self.pods[runtime.key]
             self.removed[runtime.key] = runtime
         runtime.obj["metadata"]["resourceVersion"] = self.bump()
         self.record("pods", "DELETED", runtime.obj)
+
+    def remove_finalizer(self, runtime: PodRuntime, finalizer: str) -> None:
+        """Drop one finalizer; a deleted pod that no finalizer holds any more then leaves the API."""
+        meta = runtime.obj["metadata"]
+        finalizers = meta.get("finalizers") or []
+        if finalizer not in finalizers:
+            return
+        finalizers.remove(finalizer)
+        if not finalizers:
+            del meta["finalizers"]
+        self.touch(runtime)
+        if runtime.removal_pending and not finalizers and not runtime.gone:
+            self.remove(runtime)
 
     def event(  # noqa: PLR0917
         self,
@@ -130,26 +155,35 @@ class Store:
     ) -> None:
         """A core/v1 Event about the pod (or, with ``container``, its container), as kubelets write them."""
         meta = runtime.obj["metadata"]
+        involved = {
+            "kind": "Pod",
+            "namespace": meta["namespace"],
+            "name": meta["name"],
+            "uid": meta["uid"],
+            "apiVersion": "v1",
+            "resourceVersion": meta["resourceVersion"],
+        }
+        if container:
+            involved["fieldPath"] = f"spec.containers{{{runtime.run.name}}}"
+        self.object_event(involved, reason, message, type_, component)
+
+    def object_event(
+        self, involved: dict, reason: str, message: str, type_: str = "Normal", component: str = "kubelet"
+    ) -> None:
+        """A core/v1 Event about any object (a pod, a Kueue Workload), from ``component``."""
         stamp = now()
         kubelet = component == "kubelet"
         event = {
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {
-                "name": f"{meta['name']}.{uuid.uuid4().hex[:16]}",
-                "namespace": meta["namespace"],
+                "name": f"{involved['name']}.{uuid.uuid4().hex[:16]}",
+                "namespace": involved["namespace"],
                 "uid": str(uuid.uuid4()),
                 "resourceVersion": self.bump(),
                 "creationTimestamp": stamp,
             },
-            "involvedObject": {
-                "kind": "Pod",
-                "namespace": meta["namespace"],
-                "name": meta["name"],
-                "uid": meta["uid"],
-                "apiVersion": "v1",
-                "resourceVersion": meta["resourceVersion"],
-            },
+            "involvedObject": involved,
             "reason": reason,
             "message": message,
             "source": {"component": component, **({"host": NODE_NAME} if kubelet else {})},
@@ -161,8 +195,6 @@ class Store:
             "reportingComponent": component,
             "reportingInstance": NODE_NAME if kubelet else "",
         }
-        if container:
-            event["involvedObject"]["fieldPath"] = f"spec.containers{{{runtime.run.name}}}"
         self.events.append(event)
         self.record("events", "ADDED", event)
 
