@@ -265,7 +265,10 @@ def test_webhook_gates_the_pod_and_the_pod_controller_makes_its_workload(k8s, cl
     time.sleep(0.3)
     assert workload_of(custom, orphan.metadata.uid) is None
     k8s.apply_kueue(priority_class("urgent", 20_000))
-    assert wait(lambda: workload_of(custom, orphan.metadata.uid))["spec"]["priority"] == 20_000
+    late = k8s.wait_for_workload(
+        NS, lambda w: w["metadata"]["labels"]["kueue.x-k8s.io/job-uid"] == orphan.metadata.uid
+    )
+    assert late["spec"]["priority"] == 20_000
 
     # Why a Workload is not even queued: the workload controller's (legacy) Inadmissible reasons.
     api.create_namespaced_pod(NS, pod("lost", "no-such-queue"))
@@ -274,6 +277,12 @@ def test_webhook_gates_the_pod_and_the_pod_controller_makes_its_workload(k8s, cl
     api.create_namespaced_pod(NS, pod("dangling", "dangling"))
     assert pending_message(k8s, "dangling") == "ClusterQueue no-such-cq doesn't exist"
     assert conditions(k8s.workload_for_pod(NS, "dangling"))["QuotaReserved"]["reason"] == "Inadmissible"
+    # No namespaceSelector selects no namespace (null is "nothing"; {} is "everything").
+    unselected = cluster_queue("closed", 8)
+    del unselected["spec"]["namespaceSelector"]
+    k8s.apply_kueue_objects([unselected, local_queue("closed", "closed")])
+    api.create_namespaced_pod(NS, pod("closed", "closed"))
+    assert pending_message(k8s, "closed") == "workload namespace doesn't match ClusterQueue selector"
     k8s.apply_kueue(cluster_queue("held", 8, stopPolicy="Hold"))
     k8s.apply_kueue(local_queue("held", "held"))
     api.create_namespaced_pod(NS, pod("held", "held"))
@@ -697,6 +706,22 @@ def test_clients_sync_and_async_read_workloads_and_watch_a_gated_pod(k8s, client
     assert all(not s[2] for s in seen[ungated:]) and seen[-1][3] == "Succeeded"
 
 
+def test_role_hash_matches_upstream_test_vectors():
+    """pod_controller_test.go's pod with a 1-CPU request hashes to ``dc85db45`` (GenerateRoleHash).
+
+    (pod_webhook_test.go's ``a9f06f3a`` hashes an in-memory empty requests map, which a pod served
+    by the API server never has: ``omitempty`` drops it, so the webhook sees ``null``.)
+    """
+    from tests.support.k8s_emulator.kueue_model import role_hash
+
+    spec = {"containers": [{"name": "c", "image": "i", "resources": {"requests": {"cpu": "1"}}}]}
+    assert role_hash(spec) == "dc85db45"
+    spec["containers"][0]["resources"]["requests"]["cpu"] = "1000m"  # the same quantity, canonical form
+    assert role_hash(spec) == "dc85db45"
+    spec["tolerations"] = [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert role_hash(spec) != "dc85db45"  # tolerations are part of the shape
+
+
 def test_kueue_is_inert_until_installed(k8s, clients):
     """On a cluster without Kueue, the labels mean nothing: existing tests keep their pods."""
     api, _ = clients
@@ -776,3 +801,48 @@ with DAG({dag_id!r}, schedule=None, start_date=datetime.datetime(2026, 1, 1)) as
     assert runs["holder"]["ended"] <= runs["train"]["started"]  # it waited for the quota
     assert "Started" in [e["reason"] for e in k8s.events(NS, "train")]
     assert k8s.unknown_routes == []
+
+
+def test_borrow_within_cohort_preempts_only_below_the_threshold(k8s, clients):
+    """``borrowWithinCohort``: a borrowing preemptor may evict lower priorities up to the threshold."""
+    api, _ = clients
+    k8s.apply_kueue_objects(
+        [
+            flavor("a100"),
+            cluster_queue(
+                "cq-a",
+                1,
+                "research",
+                preemption={
+                    "reclaimWithinCohort": "LowerPriority",
+                    "borrowWithinCohort": {"policy": "LowerPriority", "maxPriorityThreshold": 100},
+                },
+            ),
+            cluster_queue("cq-b", 1, "research"),
+            cluster_queue("cq-c", 1, "research"),
+            local_queue("team-a", "cq-a"),
+            local_queue("team-b", "cq-b"),
+            priority_class("low", 50),
+            priority_class("mid", 500),
+            priority_class("high", 1000),
+        ]
+    )
+    for name, klass in (("b-low-1", "low"), ("b-low-2", "low"), ("b-mid", "mid")):
+        api.create_namespaced_pod(NS, pod(name, "team-b", priority=klass))
+        running(k8s, name)
+    names = {n: k8s.workload_for_pod(NS, n)["metadata"]["name"] for n in ("b-low-1", "b-low-2", "b-mid")}
+    api.create_namespaced_pod(NS, pod("a-high", "team-a", gpus=2, priority="high"))
+    assert (
+        running(
+            k8s,
+            "a-high",
+        )["metadata"]["labels"]["kueue.x-k8s.io/cluster-queue-name"]
+        == "cq-a"
+    )
+    everything = {w["metadata"]["name"]: w for w in k8s.workloads(NS, include_deleted=True)}
+    for name in ("b-low-1", "b-low-2"):
+        preempted = conditions(everything[names[name]])["Preempted"]
+        assert preempted["reason"] == "InCohortReclaimWhileBorrowing"
+        assert "due to reclamation within the cohort while borrowing;" in preempted["message"]
+    assert "Preempted" not in conditions(everything[names["b-mid"]])  # above the threshold: kept
+    assert k8s.pod(NS, "b-mid")["status"]["phase"] == "Running"

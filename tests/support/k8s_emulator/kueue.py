@@ -272,6 +272,27 @@ class Kueue(PodController, KueueReadApi):
             return None
         return reasons[0], f"Can't admit new workloads: {', '.join(messages)}."
 
+    def namespace_selected(self, wl: dict, cq_name: str) -> bool:
+        """The ClusterQueue's ``namespaceSelector``: unset selects nothing, ``{}`` every namespace."""
+        selector = self.cluster_queue(cq_name)["spec"].get("namespaceSelector")
+        if selector is None:
+            return False
+        namespace = self.store.namespaces.get(wl["metadata"]["namespace"])
+        labels = (namespace or {}).get("metadata", {}).get("labels") or {}
+        if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+            return False
+        for expression in selector.get("matchExpressions") or []:
+            value, values = labels.get(expression["key"]), expression.get("values") or []
+            operator = expression["operator"]
+            if (
+                (operator == "In" and value not in values)
+                or (operator == "NotIn" and value in values)
+                or (operator == "Exists" and value is None)
+                or (operator == "DoesNotExist" and value is not None)
+            ):
+                return False
+        return True
+
     def local_queue_cq(self, wl: dict) -> str | None:
         lq = self.objects["LocalQueue"].get((wl["metadata"]["namespace"], wl["spec"]["queueName"]))
         return lq["spec"]["clusterQueue"] if lq else None

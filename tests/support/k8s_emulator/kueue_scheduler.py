@@ -343,10 +343,8 @@ class Scheduler:
             for cq_name, pending in queues.items():
                 if cq_name in blocked:
                     continue
+                # StrictFIFO parks only namespace mismatches; every other failure blocks its queue.
                 head = next((w for w in pending if key(w) not in self.inadmissible), None)
-                strict = k.cluster_queue(cq_name)["spec"].get("queueingStrategy") == "StrictFIFO"
-                if strict and pending and key(pending[0]) in self.inadmissible:
-                    head = None
                 if head is not None:
                     heads.append((cq_name, head, self.assign(head, cq_name, tree)))
             if not heads:
@@ -354,6 +352,10 @@ class Scheduler:
             heads.sort(key=lambda e: (e[2].borrows, -priority(e[1]), k.order(e[1])))
             for cq_name, wl, _ in heads:
                 strict = k.cluster_queue(cq_name)["spec"].get("queueingStrategy") == "StrictFIFO"
+                if not k.namespace_selected(wl, cq_name):  # ValidateAdmissibility
+                    self.inadmissible.add(key(wl))
+                    self.pending(wl, "workload namespace doesn't match ClusterQueue selector")
+                    continue
                 assignment = self.assign(wl, cq_name, tree)
                 if assignment.mode == FIT:
                     self.admit(wl, cq_name, assignment)
@@ -419,7 +421,7 @@ class Scheduler:
         sync_admitted(wl)
         k.touch(wl)
         k.admitted(wl, cq_name)
-        waited = seconds_since(wl["metadata"]["creationTimestamp"])
+        waited = seconds_since(wl["metadata"]["creationTimestamp"])  # whole seconds, as "%.0fs"
         k.event(
             wl,
             "QuotaReserved",
