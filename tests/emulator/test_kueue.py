@@ -453,11 +453,16 @@ def test_quota_borrowing_in_a_cohort_up_to_the_borrowing_limit(k8s, clients):
     assert pending_message(k8s, "disk") == (
         "couldn't assign flavors to pod set main: resource ephemeral-storage unavailable in ClusterQueue"
     )
+    # The manager's Configuration can exclude it (resources.excludeResourcePrefixes): then it fits.
+    k8s.configure_kueue(exclude_resource_prefixes=["ephemeral-storage"])
+    assert running(k8s, "disk")["spec"]["nodeSelector"] == {"pool": "spot"}
+    usage = k8s.workload_for_pod(NS, "disk")["status"]["admission"]["podSetAssignments"][0]["resourceUsage"]
+    assert usage == {"cpu": "1", "memory": "1Gi", "nvidia.com/gpu": "1"}
     # Freeing borrowed quota admits the pinned pod; the cluster queue's status counts it all.
     api.delete_namespaced_pod("a-0", NS, grace_period_seconds=0)
     assert running(k8s, "pinned")["spec"]["nodeSelector"] == {"pool": "on-demand"}
     log = [(entry[2], entry[3]) for entry in k8s.admission_log()]
-    assert log.count(("cq-a", "admitted")) == 5 and ("cq-a", "finished") in log
+    assert log.count(("cq-a", "admitted")) == 6 and ("cq-a", "finished") in log
 
 
 def test_owner_reclaims_lent_quota_the_borrower_is_stopped_then_deleted(k8s, clients):

@@ -68,26 +68,33 @@ What is real and what is emulated (modules in brackets):
   kueue_schema], installed by the first :meth:`~KubernetesEmulator.apply_kueue` (before that,
   Kueue labels mean nothing, as on a cluster without Kueue). Why: the training operator waits in
   LocalQueues, reads its Workload and its queue position, and is preempted by Kueue; those paths
-  must meet upstream's objects and wording, not a guess. Real (ported from upstream's source, with
-  its messages): ResourceFlavor, ClusterQueue, LocalQueue, WorkloadPriorityClass and Cohort
-  validated strictly against the upstream v1beta2 CRDs in ``../shared`` (unknown field: 400;
-  skipped, with everything else kept, where ``../shared`` is absent) and defaulted from them; the
-  pod webhook (managed label, finalizer, the ``admission`` and ``topology`` gates, role hash); the
-  pod integration (a Workload per pod named like ``GetWorkloadNameForPod``, ``job-uid`` label,
-  controller ownerReference, priority from ``kueue.x-k8s.io/priority-class`` or the pod's
-  PriorityClass; ``Run`` merges flavor nodeLabels/tolerations and the queue labels and ungates;
-  ``Stop`` sets ``TerminationTarget`` and deletes with the pod's grace period; ``Finished``
-  ``Succeeded``/``Failed``/``OwnerNotFound``); classic scheduling (BestEffortFIFO/StrictFIFO,
-  flavor assignment with fungibility, cohorts with borrowing and lending limits, the default
-  BlockUndeclared quota check) and classic preemption (``withinClusterQueue``,
-  ``reclaimWithinCohort``, ``borrowWithinCohort``) with upstream's conditions and events; the
-  legacy pending reasons (``Pending``, ``Inadmissible``: UnadmittedWorkloadsObservability is off
-  by default); garbage collection of a Workload whose pod is gone; the visibility API's
-  ``pendingworkloads``. Emulated: the controllers run in one thread woken by every change, a few
-  milliseconds after the write, as informers would; kube-scheduler binds a pod Kueue admitted by
-  preemption only once the pods preempted for it are gone (they hold the node's GPUs until then).
-  Left out: fair sharing, admission checks, TAS placement, partial admission, pod groups (refused
-  with a 400), MultiKueue, writes to Kueue objects over HTTP (tests apply them).
+  must meet upstream's objects and wording, not a guess. Ported from upstream's source, messages
+  included:
+
+  - ResourceFlavor, ClusterQueue, LocalQueue, WorkloadPriorityClass and Cohort, validated strictly
+    against the upstream v1beta2 CRDs in ``../shared`` and defaulted from them (an unknown field
+    is a 400; where ``../shared`` is absent the checks are skipped, everything else stays);
+  - the pod webhook: managed label, finalizer, the ``admission`` and ``topology`` gates, role hash;
+  - the pod integration: a Workload per pod (named like ``GetWorkloadNameForPod``, ``job-uid``
+    label, controller ownerReference, priority from ``kueue.x-k8s.io/priority-class`` or the pod's
+    PriorityClass); ``Run`` merges the flavor's nodeLabels/tolerations and the queue labels and
+    ungates; ``Stop`` sets ``TerminationTarget`` and deletes with the pod's grace period;
+    ``Finished`` is ``Succeeded``, ``Failed`` or ``OwnerNotFound``; a Workload whose pod is gone
+    is garbage-collected;
+  - classic scheduling: BestEffortFIFO/StrictFIFO, ``namespaceSelector`` (unset selects nothing),
+    flavor assignment with fungibility, cohorts with borrowing and lending limits, and the default
+    BlockUndeclared quota check (a request no resource group covers is never admitted, unless
+    :meth:`~KubernetesEmulator.configure_kueue` sets the manager Configuration's ``resources``);
+  - classic preemption (``withinClusterQueue``, ``reclaimWithinCohort``, ``borrowWithinCohort``)
+    with upstream's conditions and events, and the legacy pending reasons (``Pending``,
+    ``Inadmissible``: UnadmittedWorkloadsObservability is off by default);
+  - the visibility API's ``pendingworkloads``.
+
+  Emulated: the controllers run in one thread woken by every change, a few milliseconds after the
+  write, as informers would; kube-scheduler binds a pod that Kueue admitted by preemption only once
+  the pods preempted for it are gone (they hold the node's GPUs until then). Left out: fair
+  sharing, admission checks, TAS placement, partial admission, pod groups (refused with a 400),
+  MultiKueue, writes to Kueue objects over HTTP (tests apply them).
 
 Not emulated: ``exec``/``attach``/``portforward`` (so no ``do_xcom_push`` sidecar), the Eviction API
 endpoint (``drain`` does what it does), ``dryRun``, container restarts (every ``restartPolicy``

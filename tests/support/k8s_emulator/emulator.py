@@ -185,6 +185,17 @@ class KubernetesEmulator:
         """``apply_kueue`` for each, in order (flavors before the ClusterQueues that name them)."""
         return [self.apply_kueue(obj) for obj in objects]
 
+    def configure_kueue(
+        self, exclude_resource_prefixes: Iterable[str] = (), quota_check_strategy: str = "BlockUndeclared"
+    ) -> None:
+        """Kueue's manager Configuration ``resources``: which requests quota ignores.
+
+        Upstream's default (``BlockUndeclared``, no prefixes) leaves a pod unadmitted when it requests
+        a resource its ClusterQueue does not cover ("resource cpu unavailable in ClusterQueue");
+        ``IgnoreUndeclared`` or ``exclude_resource_prefixes=["cpu", "memory"]`` count only the rest.
+        """
+        self._api.kueue.configure(list(exclude_resource_prefixes), quota_check_strategy)
+
     def delete_kueue(self, kind: str, name: str, namespace: str = "") -> None:
         self._api.kueue.delete(kind, name, namespace)
 

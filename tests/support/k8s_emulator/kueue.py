@@ -25,7 +25,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import kueue_schema
 from .kueue_api import KueueReadApi
@@ -76,6 +76,8 @@ class Kueue(PodController, KueueReadApi):
         self._reserved: dict[str, int] = {}  # uid -> quota reservation order
         self._last_cq: dict[str, str] = {}  # uid -> the ClusterQueue it last reserved quota in
         self._victims: dict[str, set[str]] = {}  # preemptor pod uid -> pods preempted for it
+        # The manager Configuration's ``resources`` (config.kueue.x-k8s.io/v1beta2), upstream's defaults.
+        self.config: dict[str, Any] = {"excludeResourcePrefixes": [], "quotaCheckStrategy": "BlockUndeclared"}
         store.scheduling_blockers.append(self._waits_for_victims)
 
     # ------------------------------------------------------------------------------------------ setup
@@ -122,6 +124,29 @@ class Kueue(PodController, KueueReadApi):
             self.scheduler.inadmissible.clear()
             self._install()
             return self.read(kind, namespace, meta["name"])
+
+    def configure(self, exclude_resource_prefixes: list[str], quota_check_strategy: str) -> None:
+        """The Configuration's ``resources`` section, validated as ``pkg/config/validation.go`` does."""
+        if quota_check_strategy not in ("BlockUndeclared", "IgnoreUndeclared"):
+            raise ValueError(f"resources.quotaCheckStrategy: Unsupported value: {quota_check_strategy!r}")
+        if exclude_resource_prefixes and quota_check_strategy == "IgnoreUndeclared":
+            raise ValueError(
+                'resources.quotaCheckStrategy: Invalid value: "IgnoreUndeclared": excludeResourcePrefixes is '
+                "not allowed when quotaCheckStrategy is IgnoreUndeclared"
+            )
+        with self.store.lock:
+            self.config = {
+                "excludeResourcePrefixes": list(exclude_resource_prefixes),
+                "quotaCheckStrategy": quota_check_strategy,
+            }
+            self.scheduler.inadmissible.clear()
+            self.store.bump()
+            self.store.changed.notify_all()
+
+    def requests(self, podset: dict) -> dict[str, int]:
+        """A PodSet's requests as ``workload.Info`` counts them: without ``excludeResourcePrefixes``."""
+        prefixes = tuple(self.config["excludeResourcePrefixes"])
+        return {r: v for r, v in podset_requests(podset).items() if not (prefixes and r.startswith(prefixes))}
 
     def delete(self, kind: str, name: str, namespace: str = "") -> None:
         with self.store.lock:
@@ -340,7 +365,7 @@ class Kueue(PodController, KueueReadApi):
         out: dict[tuple[str, str], int] = {}
         podsets = {ps["name"]: ps for ps in wl["spec"]["podSets"]}
         for psa in (wl["status"].get("admission") or {}).get("podSetAssignments") or []:
-            requests = podset_requests(podsets[psa["name"]])
+            requests = self.requests(podsets[psa["name"]])
             for res, flavor in (psa.get("flavors") or {}).items():
                 out[(flavor, res)] = out.get((flavor, res), 0) + requests.get(res, 0)
         return out

@@ -38,7 +38,6 @@ from .kueue_model import (
     format_amount,
     is_evicted,
     key,
-    podset_requests,
     priority,
     seconds_since,
     set_condition,
@@ -91,10 +90,12 @@ class Scheduler:
         result = Assignment()
         messages = []
         for podset in wl["spec"]["podSets"]:
-            requests = {r: v for r, v in podset_requests(podset).items() if v}
+            requests = {r: v for r, v in self.kueue.requests(podset).items() if v}
             covered = {r for g in groups for r in g.get("coveredResources") or []}
             reasons: list[str] = []
             mode, flavors = FIT, {}
+            if self.kueue.config["quotaCheckStrategy"] == "IgnoreUndeclared":
+                requests = {r: v for r, v in requests.items() if r in covered}
             uncovered = sorted(r for r in requests if r not in covered)
             if uncovered:
                 mode, reasons = NOFIT, [f"resource {uncovered[0]} unavailable in ClusterQueue"]
@@ -387,7 +388,7 @@ class Scheduler:
         requests = [
             {
                 "name": ps["name"],
-                "resources": {r: format_amount(r, v) for r, v in sorted(podset_requests(ps).items())},
+                "resources": {r: format_amount(r, v) for r, v in sorted(self.kueue.requests(ps).items())},
             }
             for ps in wl["spec"]["podSets"]
         ]
@@ -403,7 +404,7 @@ class Scheduler:
         k = self.kueue
         assignments = []
         for podset, flavors in zip(wl["spec"]["podSets"], assignment.flavors, strict=True):
-            requests = podset_requests(podset)
+            requests = k.requests(podset)
             assignments.append(
                 {
                     "name": podset["name"],
