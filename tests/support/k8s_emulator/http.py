@@ -209,7 +209,8 @@ def _pod_log(h: Handler, query: dict[str, str], namespace: str, name: str) -> No
 
 def _kueue_get(h: Handler, query: dict[str, str], plural: str, name: str, namespace: str = "") -> None:
     with h.api.store.lock:
-        h.send_json(200, h.api.kueue.read(PLURAL_KIND[plural], namespace, name))
+        obj = h.api.kueue.read(PLURAL_KIND[plural], namespace, name)
+    h.send_json(200, obj)
 
 
 def _pending_workloads(h: Handler, query: dict[str, str], **where: str) -> None:
