@@ -66,7 +66,8 @@ def environment_yaml(home: Path, namespace: str, s3_endpoint: str, **kubernetes:
         "retries": kubernetes.pop("retries", 0),
     }
     models_root = kubernetes.pop("models_root", f"s3://{BUCKET}/models")
-    return {
+    teams = kubernetes.pop("teams", None)
+    document = {
         "launcher": "kubernetes",
         "airflow": {"schedules_enabled": False, "retry_delay_minutes": 0, **airflow},
         "mlflow": {
@@ -101,6 +102,29 @@ def environment_yaml(home: Path, namespace: str, s3_endpoint: str, **kubernetes:
             **kubernetes,
         },
     }
+    if teams is not None:
+        # Teams bring their own ServiceAccount and credentials Secret (the shared env_from is refused).
+        document["teams"] = {
+            name: {"service_account": "trainyard-trainer", "credentials_secret": S3_SECRET, **team}
+            for name, team in teams.items()
+        }
+        del document["kubernetes"]["secrets"]["env_from"]
+    return document
+
+
+def kueue_team(**quota: Any) -> dict[str, Any]:
+    """The tiny pipeline's team ``qa`` with a GPU quota, reading only this cluster's buckets."""
+    return {
+        "qa": {
+            "cpu": "8",
+            "memory": "16Gi",
+            "storage": {"data": [f"s3://{BUCKET}/data/"], "models": [f"s3://{BUCKET}/models/"]},
+            **quota,
+        }
+    }
+
+
+KUEUE_GPU_TYPES = {"tiny": {"node_labels": {"trainyard.io/test-gpu": "tiny"}}}
 
 
 @dataclass
@@ -230,8 +254,13 @@ def open_cluster(
     scenarios: dict[str, tuple[str, dict[str, Any]]],
     setup: Callable[[KubernetesEmulator], None] = lambda emulator: None,
     training: dict[str, Any] | None = None,
+    kueue: dict[str, str] | None = None,
 ) -> Iterator[Cluster]:
-    """A cluster with one environment per scenario: ``{name: (namespace, kubernetes overrides)}``."""
+    """A cluster with one environment per scenario: ``{name: (namespace, kubernetes overrides)}``.
+
+    ``kueue`` names the scenarios whose environment (``scheduling: kueue``) the trainyard-cluster
+    chart renders and installs, each with the shipped values of "dev" or "prod".
+    """
     home = tmp_path_factory.mktemp("trainyard-k8s-home")
     write_splits(home / "data" / "tiny", train_rows=320, validation_rows=80)
     build_tiny_model(home / "models" / "tiny-bert")
@@ -244,11 +273,17 @@ def open_cluster(
         environments = tmp_path_factory.mktemp("k8s-environments")
         for real in (DAGS / "environments").glob("*.yaml"):  # pipelines validate overrides against known envs
             shutil.copy(real, environments / real.name)
+        texts = {}
         for name, (namespace, extra) in scenarios.items():
-            (environments / f"{name}.yaml").write_text(
-                yaml.safe_dump(environment_yaml(home, namespace, s3.endpoint, **extra), sort_keys=False)
+            texts[name] = yaml.safe_dump(
+                environment_yaml(home, namespace, s3.endpoint, **extra), sort_keys=False
             )
+            (environments / f"{name}.yaml").write_text(texts[name])
         with KubernetesEmulator() as emulator:
+            if kueue:
+                from tests.support.kueue_cluster import install, render_cluster
+
+                install(emulator, render_cluster({name: (texts[name], like) for name, like in kueue.items()}))
             for namespace, _ in scenarios.values():
                 emulator.add_namespace(namespace)
                 emulator.add_secret(

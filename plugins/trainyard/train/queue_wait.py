@@ -321,7 +321,7 @@ def _visibility_request(settings: QueueSettings) -> tuple[tuple[str, str], dict[
     return (path, "GET"), {
         "query_params": [("limit", 1000)],
         "header_params": {"Accept": "application/json"},
-        "response_type": "object",
+        "response_types_map": {200: "object"},
         "auth_settings": ["BearerToken"],
         "_return_http_data_only": True,
     }
