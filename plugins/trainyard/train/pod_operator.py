@@ -84,6 +84,9 @@ class KubernetesTrainOperator(KubernetesPodOperator):
       without spending a retry, up to ``max_preemption_relaunches`` per DAG run.
     * A kill is never a success, and each pod's ``activeDeadlineSeconds`` is what is left of the
       task's ``execution_timeout``.
+    * Under Kueue a queued pod is a waiting run (``trainyard.train.queue_wait``): the task reports
+      its place in the queue, the wait has its own bound and is recorded, and a Kueue preemption
+      requeues the run without counting against the relaunch limit.
     """
 
     # Nothing is templated: every field comes from YAML or from the validated run spec, and Jinja in
@@ -348,7 +351,7 @@ class KubernetesTrainOperator(KubernetesPodOperator):
         raise error(step.message) from cause
 
     def _note_queue_wait(self, context: Context | None, record: QueueWaitRecord) -> None:
-        """Keep the wait in the run state (it outlives relaunches and tries) and say it in the log."""
+        """Keep the wait in the run state: it outlives relaunches (which queue again) and tries."""
         store = self._store if context is None else self._state_store(context)
         if store is None:
             return
