@@ -20,7 +20,7 @@ export TOKENIZERS_PARALLELISM := false
 
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-fast test-lifecycle test-system lint format bench mlflow-ui clean
+.PHONY: help setup demo test test-fast test-lifecycle test-system lint format bench bench-contention mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -66,9 +66,12 @@ format: setup ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: setup ## benchmarks: DAG parsing and data validation, each against its baseline
+bench: setup ## benchmarks: DAG parsing and data validation, each against its baseline (GPU queues: bench-contention)
 	$(BIN)/python benchmarks/bench_parsing.py
 	$(BIN)/python benchmarks/bench_validation.py
+
+bench-contention: setup ## more runs than GPUs under Kueue vs. namespace quotas (~4 min; BENCH_ARGS=--quick: <3 min)
+	$(BIN)/python benchmarks/bench_contention.py $(BENCH_ARGS)
 
 mlflow-ui: setup ## open the local MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(TRAINYARD_HOME)/mlflow.db --port 5000
