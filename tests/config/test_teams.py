@@ -60,6 +60,8 @@ def test_an_undeclared_team_is_refused_with_close_matches(config_dirs, capsys):
         # A prefix is a folder: nlp/ does not admit nlp-secrets/.
         ("dataset.train", "train: nlp/tweets/train.csv", "train: nlp-secrets/train.csv"),
         ("model.base", "base: nlp/all-MiniLM-L6-v2", "base: vision/resnet"),
+        # Object stores do not agree on resolving dot segments: never inside a prefix.
+        ("model.base", "base: nlp/all-MiniLM-L6-v2", "base: nlp/../vision/resnet"),
     ],
 )
 def test_a_location_outside_the_teams_storage_is_refused_naming_the_prefixes(config_dirs, field, old, new):
@@ -94,7 +96,9 @@ def test_teams_apply_to_a_local_environment_too(config_dirs):
         ("s3://data/nlp", ("s3://data/nlp/",), False),  # the folder itself
         ("s3://data/nlp-secret/train.csv", ("s3://data/nlp/",), True),
         ("s3://data2/nlp/train.csv", ("s3://data/nlp/",), True),
-        ("/srv/nlp/../vision/x.csv", ("/srv/nlp/",), True),  # normalised before it is compared
+        ("/srv/nlp/../vision/x.csv", ("/srv/nlp/",), True),
+        ("s3://data/nlp/../cv/x.csv", ("s3://data/nlp/",), True),
+        ("s3://data/nlp/./x.csv", ("s3://data/nlp/",), True),
         ("/srv/nlp/x.csv", ("/srv/vision/", "/srv/nlp/"), False),
     ],
 )
@@ -123,6 +127,7 @@ def test_a_pipeline_its_quota_could_never_admit_is_refused(config_dirs):
         ("gpus: {a100: 2, h100: 0}", "gpus: {a100: 2, v100: 1}", "unknown GPU type(s) v100"),
         ("gpus: {a100: 2, h100: 0}", "gpus: {a100: -1}", "cannot be negative"),
         ("  nlp:\n    gpus", "  NLP_team:\n    gpus", "not a valid team name"),
+        ("  nlp:\n    gpus", "  default:\n    gpus", "'default' is reserved"),
         (
             "    env:\n      MLFLOW",
             "    env_from: [trainyard-s3-credentials]\n    env:\n      MLFLOW",

@@ -230,3 +230,59 @@ def test_jinja_in_yaml_values_is_never_rendered_into_the_pod(config_dirs):
     task.render_template_fields(context, jinja_env=dag.get_template_env())
     assert task.annotations == {"trainyard.io/owner": owner}
     assert task.template_fields == ()
+
+
+def _context(run_id: str, start, store):
+    from types import SimpleNamespace
+
+    ti = SimpleNamespace(
+        dag_id="tweet-sentiment", task_id="train", map_index=-1, try_number=1, start_date=start
+    )
+    return {
+        "ti": ti,
+        "run_id": run_id,
+        "dag": SimpleNamespace(dag_id="tweet-sentiment"),
+        "dag_run": SimpleNamespace(run_id=run_id),
+        "task_state_store": store,
+    }
+
+
+def test_waiting_for_quota_extends_the_task_but_never_the_training_budget(config_dirs, tmp_path, monkeypatch):
+    """dev: 240 min of training, up to 720 min of queueing. A pod relaunched after a preemption
+    gets only what is left of the 240 min, however long the run waited or may still wait."""
+    from datetime import UTC, datetime, timedelta
+
+    from tests.support.k8s_emulator import KubernetesEmulator
+    from tests.support.services import kubernetes_connection
+    from trainyard.handoff import Approval
+    from trainyard.train.pod_operator import KubernetesTrainOperator
+    from trainyard.train.queue_wait import QueueWaitRecord
+    from trainyard.train.run_state import MemoryStore, RunState
+
+    with KubernetesEmulator() as emulator:  # the provider reads the connection's kubeconfig
+        kubeconfig = emulator.write_kubeconfig(tmp_path / "kubeconfig")
+    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", kubernetes_connection(kubeconfig))
+    pipeline = _pipeline(config_dirs, "dev")
+    operator = KubernetesTrainOperator(
+        task_id="train", pipeline=pipeline, execution_timeout=timedelta(minutes=240)
+    )
+    assert operator.execution_timeout == timedelta(minutes=240 + 720), "the task may also wait for quota"
+    start = datetime.now(UTC) - timedelta(minutes=100)
+    store = MemoryStore()
+    context = _context("manual__budget", start, store)
+    operator.prepare_run(context, Approval(fingerprint="sha256:" + "f" * 64, hyperparameters={}))
+    first = operator.build_pod_request_obj(context)
+    assert first.spec.active_deadline_seconds == pytest.approx((240 - 100) * 60, abs=5)
+
+    # The first pod queued 30 min and trained 70 before Kueue preempted it: 170 of 240 min are left.
+    waited = QueueWaitRecord(
+        pod="train-a",
+        local_queue="nlp",
+        cluster_queue="trainyard-dev-nlp",
+        started_at=start,
+        seconds=30 * 60,
+        admitted=True,
+    )
+    RunState.load(store).with_wait(waited).save(store)
+    relaunched = operator.build_pod_request_obj(context)
+    assert relaunched.spec.active_deadline_seconds == pytest.approx((240 - 70) * 60, abs=5)

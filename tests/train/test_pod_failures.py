@@ -191,6 +191,16 @@ def test_after_pod_failure(failure, relaunches, limit, action, fragment):
         assert step.message.startswith(REFUSED if failure.is_refusal else FAILED), step.message
 
 
+def test_a_pod_kueue_preempted_before_it_was_seen_marked_is_known_by_its_event():
+    from trainyard.train.pod_failures import classify_gone
+
+    event = "Stopped: Preempted to accommodate a workload (UID: 1, JobUID: 2) due to reclamation"
+    for ran in (True, False):  # even before its trainer started (a long image pull, say)
+        failure = classify_gone(None, ran, "train-x-abc", last_event=event)
+        assert failure.kind == "requeued", failure
+    assert classify_gone(None, False, "train-x-abc", last_event="Killing: stopping").kind == "unscheduled"
+
+
 def test_a_kueue_preemption_is_not_counted_against_the_relaunch_limit():
     assert KUEUE_PREEMPTED.kind == "requeued" and KUEUE_PREEMPTED.is_disruption
     assert {after_pod_failure(KUEUE_PREEMPTED, n, 1).counted for n in range(4)} == {False}

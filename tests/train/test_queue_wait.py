@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from trainyard.config.loading import load_environment
 from trainyard.train.queue_wait import (
     ADMISSION_GATE,
+    NotQueued,
     QueueFacts,
     QueueSettings,
     QueueWaitTimeout,
@@ -76,11 +78,14 @@ def _pending(*names: str) -> dict:
     }
 
 
-def _pod(gated: bool, name: str = "train-abc") -> SimpleNamespace:
+def _pod(
+    gated: bool, name: str = "train-abc", managed: bool = True, created: datetime | None = None
+) -> SimpleNamespace:
+    """A pod as the client returns it: Kueue's webhook gated and labelled it (``managed``)."""
     gates = [SimpleNamespace(name=ADMISSION_GATE)] if gated else None
-    return SimpleNamespace(
-        metadata=SimpleNamespace(name=name, uid="u-1"), spec=SimpleNamespace(scheduling_gates=gates)
-    )
+    labels = {"kueue.x-k8s.io/managed": "true"} if managed else {}
+    metadata = SimpleNamespace(name=name, uid="u-1", labels=labels, creation_timestamp=created)
+    return SimpleNamespace(metadata=metadata, spec=SimpleNamespace(scheduling_gates=gates))
 
 
 def test_facts_come_from_the_workloads_conditions_and_the_visibility_api():
@@ -185,7 +190,7 @@ def test_a_gated_pod_waits_reporting_every_interval_until_admitted(caplog):
     script = Script([_pod(True)] * 14 + [_pod(False)], facts)
     record = _run(script, SETTINGS, caplog)
     waiting = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for GPU quota")]
-    assert script.fact_reads == [0, 60, 120], "Kueue is asked only when a report is due"
+    assert script.fact_reads == [0, 60, 120, 140], "Kueue is asked only for a report, and at admission"
     assert len(waiting) == 3 and "position 1 in the team queue" in waiting[0]
     assert "admitted by Kueue into ClusterQueue trainyard-dev-nlp after 2m20s" in caplog.text
     assert record.admitted and record.seconds == 140
@@ -210,7 +215,7 @@ def test_the_wait_gives_up_at_max_queue_wait_with_the_full_message(caplog):
     assert "longer than kubernetes.max_queue_wait_minutes (1.58333)" in str(info.value)
     assert f"reason Pending: {PENDING_MESSAGE}" in str(info.value)
     assert info.value.record.admitted is False and info.value.record.seconds == 95
-    assert script.now == 95, "it stops at the limit, not at the next check"
+    assert script.now == pytest.approx(95, abs=0.01), "it stops at the limit, not at the next check"
 
 
 def test_the_wait_is_summarised_for_the_xcom_and_mlflow(caplog):
@@ -226,3 +231,45 @@ def test_the_wait_is_summarised_for_the_xcom_and_mlflow(caplog):
     assert tags["trainyard.queue.waits"] == "2"
     assert tags["trainyard.queue.first_position_in_local_queue"] == "1"
     assert '"pod": "train-def"' in tags["trainyard.queue.detail"]
+
+
+def test_a_pod_kueue_never_took_fails_instead_of_running_outside_every_quota(caplog):
+    with pytest.raises(NotQueued) as info:
+        _run(Script([_pod(False, managed=False)], QueueFacts()), SETTINGS, caplog)
+    message = str(info.value)
+    assert "was not taken by Kueue" in message and "managedJobsNamespaceSelector" in message
+    assert "namespace trainyard-dev" in message and "dags/environments/dev.yaml" in message
+
+
+def test_the_wait_counts_from_the_pods_creation_so_a_resumed_wait_keeps_its_bound(caplog):
+    """A trigger re-created by the triggerer, or a retry adopting the pod, does not restart the clock."""
+    facts = facts_from(
+        _workload(QuotaReserved=("False", "Pending", PENDING_MESSAGE)), _pending("pod-train-abc-1f2e3"), None
+    )
+    created = datetime.now(UTC) - timedelta(seconds=570)
+    script = Script([_pod(True, created=created)], facts)
+    with pytest.raises(QueueWaitTimeout) as info:
+        _run(script, SETTINGS, caplog)
+    assert script.now == pytest.approx(30, abs=1), "570 s of the 600 s bound were already spent"
+    assert info.value.record.seconds == pytest.approx(600, abs=1)
+    assert info.value.record.started_at == created
+
+
+def test_a_pod_admitted_at_the_last_moment_is_kept(caplog):
+    facts = facts_from(_workload(QuotaReserved=("False", "Pending", PENDING_MESSAGE)), None, None)
+    short = SETTINGS.model_copy(update={"max_wait_seconds": 20})
+    # Gated on every read until the limit; the re-read at the limit finds it admitted.
+    script = Script([_pod(True), _pod(True), _pod(True), _pod(False)], facts)
+    record = _run(script, short, caplog)
+    assert record is not None and record.admitted and record.seconds == 20
+
+
+def test_the_recorded_wait_ends_when_kueue_admitted_the_pod_not_when_it_was_next_read(caplog):
+    created = datetime.now(UTC) - timedelta(seconds=30)
+    admitted = _workload(Admitted=("True", "Admitted", "The workload is admitted"))
+    admitted["status"]["conditions"][0]["lastTransitionTime"] = (created + timedelta(seconds=3)).isoformat()
+    script = Script(
+        [_pod(True, created=created), _pod(False, created=created)], facts_from(admitted, None, None)
+    )
+    record = _run(script, SETTINGS, caplog)
+    assert record.seconds == pytest.approx(3, abs=0.01)

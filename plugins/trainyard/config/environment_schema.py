@@ -223,13 +223,14 @@ class KubernetesSettings(StrictModel):
             old = data.pop("gpu_node_selectors")
             if "gpu_types" in data:
                 raise ValueError("set gpu_types only (gpu_node_selectors is its old name)")
+            if not isinstance(old, dict):
+                raise ValueError("gpu_node_selectors must map GPU types to node labels; write gpu_types")
             warnings.warn(
                 "kubernetes.gpu_node_selectors is deprecated; write gpu_types: {<type>: {node_labels: ...}}",
-                DeprecationWarning,
+                FutureWarning,  # shown by default, unlike DeprecationWarning
                 stacklevel=2,
             )
-            if isinstance(old, dict):
-                data["gpu_types"] = {k: {"node_labels": v} for k, v in old.items()}
+            data["gpu_types"] = {k: {"node_labels": v} for k, v in old.items()}
         return data
 
     @field_validator("gpu_types")
@@ -375,6 +376,11 @@ class EnvironmentConfig(StrictModel):
         for name, team in self.teams.items():
             if not re.match(DNS_LABEL, name):
                 raise ValueError(f"teams: '{name}' is not a valid team name (lowercase letters, digits, '-')")
+            if name == "default":
+                # Kueue puts every pod without a queue label into the LocalQueue named "default".
+                raise ValueError(
+                    "teams: 'default' is reserved (Kueue's default LocalQueue); pick another name"
+                )
             if team.storage is None:
                 raise ValueError(f"teams.{name}.storage is missing: list the team's data and models prefixes")
             if self.kubernetes is not None:

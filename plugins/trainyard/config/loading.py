@@ -293,8 +293,15 @@ def _team_problems(config: PipelineConfig, environment: EnvironmentConfig) -> li
 
 
 def outside_prefixes(location: str, prefixes: tuple[str, ...]) -> bool:
-    """Whether ``location`` (a file or folder) lies under none of the prefixes (each ends with '/')."""
-    normalized = location if "://" in location else posixpath.normpath(location)
+    """Whether ``location`` (a file or folder) lies under none of the prefixes (each ends with '/').
+
+    A location with ``.`` or ``..`` segments is outside whatever it starts with: object stores do not
+    agree on resolving them, so ``s3://data/nlp/../cv/x`` must not pass as nlp's.
+    """
+    _scheme, sep, rest = location.rpartition("://")
+    if any(part in (".", "..") for part in rest.split("/")):
+        return True
+    normalized = location if sep else posixpath.normpath(location)
     return not any(normalized.startswith(prefix) or normalized + "/" == prefix for prefix in prefixes)
 
 

@@ -35,6 +35,8 @@ Kind = Literal[
 DISRUPTIONS: frozenset[str] = frozenset({"requeued", "preempted", "evicted", "stopped", "vanished"})
 #: Kueue's reason on a pod it evicts to give its quota to another workload: the queue at work.
 KUEUE_PREEMPTED = "WorkloadEvictedDueToPreempted"
+#: How Kueue's eviction message (its "Stopped" event on the pod) begins when it preempted it.
+KUEUE_PREEMPTION_EVENT = "Preempted to accommodate a workload"
 #: Conditions the cluster sets on a pod it is about to stop: kube-scheduler preemption, the
 #: Eviction API (drain), taint and node-pressure eviction (DisruptionTarget); Kueue (TerminationTarget).
 DISRUPTION_CONDITIONS = ("DisruptionTarget", "TerminationTarget")
@@ -114,6 +116,9 @@ def classify_gone(
             return marked
         if _get(last_seen, "status", "phase") in ("Succeeded", "Failed"):
             return classify(last_seen, container)
+    if last_event and KUEUE_PREEMPTION_EVENT in last_event:
+        # Deleted before its TerminationTarget was seen (even before it started): Kueue's own word.
+        return PodFailure("requeued", f"pod {name} was preempted by Kueue ({KUEUE_PREEMPTED}){said}")
     if ran:
         return PodFailure(
             "vanished",

@@ -41,10 +41,10 @@ from trainyard.train.pod_trigger import (
     TrainPodTrigger,
 )
 from trainyard.train.queue_wait import (
+    QueueError,
     QueueFacts,
     QueueSettings,
     QueueWaitRecord,
-    QueueWaitTimeout,
     await_admission,
     queue_summary,
     queue_tags,
@@ -96,6 +96,8 @@ class KubernetesTrainOperator(KubernetesPodOperator):
 
     def __init__(self, *, pipeline: ResolvedPipeline, **kwargs: Any) -> None:
         queue = QueueSettings.for_pipeline(pipeline)
+        #: The training part of execution_timeout (without the time a run may wait for quota).
+        self.training_timeout: datetime.timedelta | None = kwargs.get("execution_timeout")
         if queue is not None and kwargs.get("execution_timeout") is not None:
             # Waiting for quota is not training: the task may also wait up to max_queue_wait_minutes,
             # while each pod's activeDeadlineSeconds (counted from its start) stays the training budget.
@@ -140,6 +142,7 @@ class KubernetesTrainOperator(KubernetesPodOperator):
             self._note_queue_wait(context, QueueWaitRecord.model_validate(event[QUEUE_WAIT_KEY]))
         if event.get(QUEUE_TIMEOUT_KEY):
             self._stop_run_pods(context)
+            self._publish_queue_waits(context)
             raise AirflowFailException(str(event.get("message")))
         if event.get("status") == "timeout" and DEADLINE_MESSAGE in str(event.get("message")):
             # The provider would follow the still-running pod's log until the pod's own deadline.
@@ -175,8 +178,9 @@ class KubernetesTrainOperator(KubernetesPodOperator):
                 record = asyncio.run(
                     await_admission(settings, read_pod=read_pod, read_facts=read_facts, log=self.log)
                 )
-            except QueueWaitTimeout as exc:
-                self._note_queue_wait(None, exc.record)
+            except QueueError as exc:
+                if exc.record is not None:
+                    self._note_queue_wait(None, exc.record)
                 raise
             if record is not None:
                 self._note_queue_wait(None, record)
@@ -185,9 +189,14 @@ class KubernetesTrainOperator(KubernetesPodOperator):
     def build_pod_request_obj(self, context: Context | None = None, *, dry_run: bool = False) -> Any:
         pod = super().build_pod_request_obj(context, dry_run=dry_run)
         deadline = self._deadline(context) if context and not dry_run else None
-        left = seconds_left(deadline, _now())
+        now = _now()
+        left = seconds_left(deadline, now)
         if left is not None:
-            pod.spec.active_deadline_seconds = min(left, pod.spec.active_deadline_seconds or left)
+            assert context is not None and deadline is not None
+            training = seconds_left(self._training_deadline(context, deadline), now)
+            pod.spec.active_deadline_seconds = min(
+                left, training or left, pod.spec.active_deadline_seconds or left
+            )
         return pod
 
     def get_or_create_pod(self, pod_request_obj: Any, context: Context) -> Any:
@@ -268,10 +277,11 @@ class KubernetesTrainOperator(KubernetesPodOperator):
                 raise
             return self._after_failure(context, refusal, cause=None)
         except Exception as exc:
-            queue_timeout = _in_chain(exc, QueueWaitTimeout, include_self=True)
-            if queue_timeout is not None:
+            queue_error = _in_chain(exc, QueueError, include_self=True)
+            if queue_error is not None:
                 self._stop_run_pods(context)
-                raise AirflowFailException(str(queue_timeout)) from None
+                self._publish_queue_waits(context)
+                raise AirflowFailException(str(queue_error)) from None
             interruption = _interruption(exc)
             if interruption is not None or self._stopped_by_airflow:
                 # A timeout or kill, under the provider's own "Pod ... returned a failure" from its
@@ -407,6 +417,19 @@ class KubernetesTrainOperator(KubernetesPodOperator):
             state.save(store)
         self._try_deadline = state.deadline
         return state.deadline
+
+    def _training_deadline(self, context: Context, deadline: datetime.datetime) -> datetime.datetime | None:
+        """When this try's training budget ends: its start, plus the training timeout, plus its queue waits.
+
+        The task's timeout also covers waiting for quota; a pod relaunched after a preemption must
+        not get that allowance as training time, only what is left of the training budget.
+        """
+        if self.queue is None or self.training_timeout is None or self.execution_timeout is None:
+            return None
+        started = deadline - self.execution_timeout
+        waits = RunState.load(self._state_store(context)).queue_waits
+        queued = sum(w.seconds for w in waits if w.started_at >= started)
+        return started + self.training_timeout + datetime.timedelta(seconds=queued)
 
     def _state_store(self, context: Context) -> StateStore:
         if self._store is None:

@@ -17,10 +17,10 @@ from airflow.triggers.base import TriggerEvent
 
 from trainyard.train.pod_failures import failure_facts
 from trainyard.train.queue_wait import (
+    QueueError,
     QueueFacts,
     QueueSettings,
     QueueWaitRecord,
-    QueueWaitTimeout,
     await_admission,
     read_facts_async,
 )
@@ -65,7 +65,7 @@ class TrainPodTrigger(KubernetesPodTrigger):
                 self._queue_wait = await await_admission(
                     settings, read_pod=self._get_pod, read_facts=read_facts, log=self.log
                 )
-            except QueueWaitTimeout as exc:
+            except QueueError as exc:
                 # The provider turns a launch timeout into a "timeout" event without a traceback.
                 self._queue_wait, self._queue_timed_out = exc.record, True
                 raise PodLaunchTimeoutException(str(exc)) from exc

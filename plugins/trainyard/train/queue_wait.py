@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import Field
 
 from trainer.spec import StrictModel
+from trainyard import paths
 
 ADMISSION_GATE = "kueue.x-k8s.io/admission"
 JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
@@ -32,8 +33,11 @@ KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"
 VISIBILITY_PATH = (
     "/apis/visibility.kueue.x-k8s.io/v1beta2/namespaces/{namespace}/localqueues/{name}/pendingworkloads"
 )
-#: How often the pod is read while it waits (cheap); Kueue's status is read only when reported.
-CHECK_SECONDS = 2.0
+MANAGED_LABEL = "kueue.x-k8s.io/managed"
+#: How often the pod is read while it waits; Kueue's status is read only when a report is due.
+CHECK_SECONDS = 5.0
+#: (connect, read) seconds for each read of Kueue: a hung aggregated API must not hang the wait.
+REQUEST_TIMEOUT = (5, 30)
 
 
 class QueueSettings(StrictModel):
@@ -63,7 +67,7 @@ class QueueSettings(StrictModel):
             max_wait_seconds=k8s.max_queue_wait_minutes * 60,
             status_interval_seconds=k8s.kueue.status_interval_seconds,
             quota=quota_text(env, team_name),
-            environment_file=f"dags/environments/{env.name}.yaml",
+            environment_file=str(paths.environments_dir() / f"{env.name}.yaml"),
             team=team_name,
         )
 
@@ -93,6 +97,7 @@ class QueueFacts(StrictModel):
     position_in_local_queue: int | None = None
     position_in_cluster_queue: int | None = None
     visibility_error: str | None = None
+    admitted_at: datetime | None = Field(None, description="When Kueue admitted it (Admitted=True).")
 
 
 class QueueWaitRecord(StrictModel):
@@ -109,12 +114,22 @@ class QueueWaitRecord(StrictModel):
     last_reason: str | None = None
 
 
-class QueueWaitTimeout(Exception):
-    """The pod waited longer than ``kubernetes.max_queue_wait_minutes``; the message says why."""
+class QueueError(Exception):
+    """The run cannot wait for quota any longer; the message says why. Retrying would not help."""
+
+    record: QueueWaitRecord | None = None
+
+
+class QueueWaitTimeout(QueueError):
+    """The pod waited longer than ``kubernetes.max_queue_wait_minutes``."""
 
     def __init__(self, message: str, record: QueueWaitRecord) -> None:
         super().__init__(message)
         self.record = record
+
+
+class NotQueued(QueueError):
+    """Under ``scheduling: kueue`` Kueue did not take the pod: it would run outside every quota."""
 
 
 def is_gated(pod: Any) -> bool:
@@ -138,6 +153,10 @@ def facts_from(
         if condition is not None and condition.get("status") == status:
             reason, message = condition.get("reason"), condition.get("message")
             break
+    admitted = conditions.get("Admitted")
+    admitted_at = None
+    if admitted is not None and admitted.get("status") == "True" and admitted.get("lastTransitionTime"):
+        admitted_at = datetime.fromisoformat(str(admitted["lastTransitionTime"]).replace("Z", "+00:00"))
     local = cluster = None
     for item in (pending or {}).get("items") or []:
         if item.get("metadata", {}).get("name") == name:
@@ -151,6 +170,7 @@ def facts_from(
         position_in_local_queue=local,
         position_in_cluster_queue=cluster,
         visibility_error=error,
+        admitted_at=admitted_at,
     )
 
 
@@ -187,6 +207,15 @@ def waiting_line(settings: QueueSettings, waited: float, facts: QueueFacts | Non
     )
 
 
+def not_queued_message(settings: QueueSettings, pod: Any) -> str:
+    return (
+        f"pod {pod.metadata.name} was not taken by Kueue (no admission gate, no {MANAGED_LABEL} label) "
+        f"although {settings.environment_file} sets kubernetes.scheduling: kueue, so it would run outside "
+        f"every team's quota; it was deleted. Check that Kueue is installed with the pod integration and "
+        f"that its managedJobsNamespaceSelector selects namespace {settings.namespace} (docs/deploy.md)."
+    )
+
+
 def timeout_message(settings: QueueSettings, waited: float, facts: QueueFacts | None) -> str:
     limit = settings.max_wait_seconds / 60
     return (
@@ -212,11 +241,20 @@ async def await_admission(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     check_seconds: float = CHECK_SECONDS,
 ) -> QueueWaitRecord | None:
-    """Wait while Kueue gates the pod; None if it was never gated (admitted at once, or no Kueue)."""
+    """Wait while Kueue gates the pod; None if it was admitted before the first look.
+
+    The wait is counted from the pod's creation (it is gated from then on), so a resumed trigger
+    or an adopting retry keeps the same bound and records the whole wait.
+    """
     pod = await read_pod()
     if not is_gated(pod):
+        labels = getattr(pod.metadata, "labels", None) or {}
+        if labels.get(MANAGED_LABEL) != "true":
+            raise NotQueued(not_queued_message(settings, pod))
         return None
-    started, started_at = clock(), datetime.now(UTC)
+    created = getattr(pod.metadata, "creation_timestamp", None)
+    started_at = created if isinstance(created, datetime) else datetime.now(UTC)
+    started = clock() - max((datetime.now(UTC) - started_at).total_seconds(), 0.0)
     first: QueueFacts | None = None
     last: QueueFacts | None = None
     next_report = started
@@ -224,6 +262,10 @@ async def await_admission(
         now = clock()
         waited = now - started
         if not is_gated(pod):
+            # The pod is read every few seconds; Kueue's Admitted condition says when it really was.
+            final = await read_facts(pod)
+            if final.admitted_at is not None:
+                waited = min(waited, max((final.admitted_at - started_at).total_seconds(), 0.0))
             log.info(
                 "admitted by Kueue into ClusterQueue %s after %s in the queue",
                 settings.cluster_queue,
@@ -237,6 +279,9 @@ async def await_admission(
             last = await read_facts(pod)
             first = first if first is not None and first.position_in_local_queue is not None else last
             if expired:
+                pod = await read_pod()  # admitted at the last moment: keep it
+                if not is_gated(pod):
+                    continue
                 record = _record(
                     settings,
                     pod,
@@ -288,12 +333,15 @@ def queue_summary(waits: list[QueueWaitRecord]) -> dict[str, Any]:
 def queue_tags(summary: dict[str, Any]) -> dict[str, str]:
     """MLflow tags of the run's queue time (a tag value holds at most 8,000 characters)."""
     first = summary["waits"][0] if summary["waits"] else {}
+    waits = list(summary["waits"])
+    while len(json.dumps(waits)) > 8000:  # the newest waits, as valid JSON
+        waits.pop(0)
     return {
         "trainyard.queue.wait_seconds": str(summary["seconds"]),
         "trainyard.queue.waits": str(summary["count"]),
         "trainyard.queue.first_position_in_local_queue": str(first.get("first_position_in_local_queue")),
         "trainyard.queue.first_position_in_cluster_queue": str(first.get("first_position_in_cluster_queue")),
-        "trainyard.queue.detail": json.dumps(summary["waits"])[:8000],
+        "trainyard.queue.detail": json.dumps(waits),
     }
 
 
@@ -313,7 +361,7 @@ def pick_workload(items: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def _workload_request(settings: QueueSettings, pod: Any) -> tuple[tuple[str, ...], dict[str, str]]:
     args = (KUEUE_GROUP, KUEUE_VERSION, settings.namespace, "workloads")
-    return args, {"label_selector": f"{JOB_UID_LABEL}={pod_uid(pod)}"}
+    return args, {"label_selector": f"{JOB_UID_LABEL}={pod_uid(pod)}", "_request_timeout": REQUEST_TIMEOUT}
 
 
 def _visibility_request(settings: QueueSettings) -> tuple[tuple[str, str], dict[str, Any]]:
@@ -324,6 +372,7 @@ def _visibility_request(settings: QueueSettings) -> tuple[tuple[str, str], dict[
         "response_types_map": {200: "object"},
         "auth_settings": ["BearerToken"],
         "_return_http_data_only": True,
+        "_request_timeout": REQUEST_TIMEOUT,
     }
 
 

@@ -120,6 +120,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Cache-Control", "no-cache, private")
+        # The stream ends the connection: say so, or urllib3 pools it and the next request on it
+        # fails with RemoteDisconnected.
+        self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
         try:
