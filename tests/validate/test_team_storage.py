@@ -140,14 +140,21 @@ def test_a_symlink_into_another_teams_data_is_refused(site):
     assert "dataset.validation" not in message
 
 
+def _parsed_without_teams(site: Site, **kwargs: Any) -> ResolvedPipeline:
+    """Parsed where the environment declares no teams (so parsing checks nothing), run under 'teams'."""
+    site.environment("open", None)
+    parsed = site.pipeline("open", **kwargs)
+    return dataclasses.replace(parsed, environment=load_environment("teams", site.environments))
+
+
 def test_an_undeclared_team_reads_nothing(site):
     undeclared = r"team 'qa' is not declared in environment 'teams' \(teams: nlp\)"
     with pytest.raises(AirflowFailException, match=undeclared):
-        _run(site.pipeline("teams", team="qa"))
+        _run(_parsed_without_teams(site, team="qa"))
 
 
 def test_a_base_model_outside_the_teams_models_is_refused_and_a_hub_id_is_not(site):
-    outside = site.pipeline("teams", model={"base": "shared/tiny-bert", "max_length": 32})
+    outside = _parsed_without_teams(site, model={"base": "shared/tiny-bert", "max_length": 32})
     with pytest.raises(AirflowFailException) as info:
         _run(outside)
     assert (
