@@ -51,7 +51,7 @@ test: setup ## run the test suite (all but the system and pod-lifecycle tests; ~
 test-fast: setup ## the tests without the slow end-to-end ones (~2 min)
 	$(BIN)/python -m pytest -m "not slow and not system" $(PYTEST_ARGS)
 
-test-lifecycle: setup ## the train pod's lifecycle and Kueue queueing against the emulator, sync and deferrable (~17 min)
+test-lifecycle: setup ## the train pod's lifecycle and Kueue queueing against the emulator, sync and deferrable (~20 min)
 	$(BIN)/python -m pytest -m pod_lifecycle $(PYTEST_ARGS)
 
 test-system: setup ## system tests: real Airflow services, MLflow server, S3 and the Kubernetes emulator

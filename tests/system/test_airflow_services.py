@@ -218,7 +218,7 @@ def _write_inputs(s3_url: str, scratch: Path) -> None:
     write_splits(data_dir, train_rows=1000, validation_rows=200)
     model_dir = build_tiny_model(scratch / "models" / "tiny-bert")
     for path in sorted(data_dir.iterdir()):
-        s3.upload_file(str(path), BUCKETS["data"], f"tweets/{path.name}")
+        s3.upload_file(str(path), BUCKETS["data"], f"nlp/tweets/{path.name}")  # where the pipeline reads
     for path in sorted(model_dir.iterdir()):
         s3.upload_file(str(path), BUCKETS["models"], f"tiny-bert/{path.name}")
 
