@@ -206,15 +206,7 @@ def environment_limits(config: PipelineConfig, environment: EnvironmentConfig) -
                 )
             )
     # Pods cannot see the Airflow worker's disk: data and base models must be in object storage.
-    storage = environment.storage
-    for loc, root, value in (
-        (("dataset", "train"), storage.data_root, config.dataset.train),
-        (("dataset", "validation"), storage.data_root, config.dataset.validation),
-        (("model", "base"), storage.models_root, config.model.base),
-    ):
-        if value.startswith("hf://"):
-            continue
-        resolved = join_uri(root, value)
+    for loc, resolved, _ in storage_locations(config, environment):
         if not resolved.startswith("s3://"):
             found.append(
                 (
@@ -236,33 +228,46 @@ def environment_limits(config: PipelineConfig, environment: EnvironmentConfig) -
     return found
 
 
+def storage_locations(config: PipelineConfig, environment: EnvironmentConfig) -> list[tuple[Loc, str, str]]:
+    """(field path, resolved location, "data" or "models") of what the pipeline reads from storage.
+
+    A ``hf://`` base model is a public Hub id, not storage, and is left out.
+    """
+    roots = environment.storage
+    found = []
+    for loc, root, value, kind in (
+        (("dataset", "train"), roots.data_root, config.dataset.train, "data"),
+        (("dataset", "validation"), roots.data_root, config.dataset.validation, "data"),
+        (("model", "base"), roots.models_root, config.model.base, "models"),
+    ):
+        if not value.startswith("hf://"):
+            found.append((loc, join_uri(root, value), kind))
+    return found
+
+
+def undeclared_team(environment: EnvironmentConfig, team: str) -> str:
+    known = ", ".join(sorted(environment.teams))
+    return f"team '{team}' is not declared in environment '{environment.name}' (teams: {known})"
+
+
 def _team_problems(config: PipelineConfig, environment: EnvironmentConfig) -> list[tuple[Loc, str, str]]:
     """The pipeline's team exists here, reads only its own storage, and its pod fits the team's quota."""
     if not environment.teams:
         return []
     team = environment.team(config.team)
     if team is None:
-        known = sorted(environment.teams)
-        hint = suggest_key(config.team, known)
+        hint = suggest_key(config.team, sorted(environment.teams))
         return [
             (
                 ("team",),
-                f"team '{config.team}' is not declared in environment '{environment.name}' "
-                f"(teams: {', '.join(known)})",
+                undeclared_team(environment, config.team),
                 hint or "use one of those, or ask the platform team to add the team to the environment",
             )
         ]
     found: list[tuple[Loc, str, str]] = []
     assert team.storage is not None
-    storage = environment.storage
-    for loc, root, value, allowed in (
-        (("dataset", "train"), storage.data_root, config.dataset.train, team.storage.data),
-        (("dataset", "validation"), storage.data_root, config.dataset.validation, team.storage.data),
-        (("model", "base"), storage.models_root, config.model.base, team.storage.models),
-    ):
-        if value.startswith("hf://"):
-            continue
-        resolved = join_uri(root, value)
+    for loc, resolved, kind in storage_locations(config, environment):
+        allowed = team.storage.data if kind == "data" else team.storage.models
         if not outside_prefixes(resolved, allowed):
             continue
         found.append(

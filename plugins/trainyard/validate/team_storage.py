@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from trainyard.config.loading import ResolvedPipeline, outside_prefixes
+from trainyard.config.loading import ResolvedPipeline, outside_prefixes, storage_locations, undeclared_team
 
 
 class OutsideTeamStorage(ValueError):
@@ -38,23 +38,16 @@ def team_storage_problems(pipeline: ResolvedPipeline) -> list[str]:
         return []
     team = environment.team(team_name)
     if team is None:
-        declared = ", ".join(sorted(environment.teams))
-        return [f"team '{team_name}' is not declared in environment '{environment.name}' (teams: {declared})"]
+        return [undeclared_team(environment, team_name)]
     assert team.storage is not None  # the environment schema requires it with teams
-    data = pipeline.data_spec
     problems = []
-    for field, location, prefixes, kind in (
-        ("dataset.train", data.train_uri, team.storage.data, "data"),
-        ("dataset.validation", data.validation_uri, team.storage.data, "data"),
-        ("model.base", pipeline.model_base, team.storage.models, "models"),
-    ):
-        if location.startswith("hf://"):
-            continue  # a public Hub id, not the team's storage
+    for loc, location, kind in storage_locations(pipeline.config, environment):
+        prefixes = team.storage.data if kind == "data" else team.storage.models
         read = _as_read(location)
         if outside_prefixes(read, tuple(_as_prefix(p) for p in prefixes)):
             via = f" (resolves to '{read}')" if read != location else ""
             problems.append(
-                f"{field} '{location}'{via} is outside team '{team_name}''s {kind} prefixes "
+                f"{'.'.join(loc)} '{location}'{via} is outside team '{team_name}''s {kind} prefixes "
                 f"{', '.join(prefixes)} (teams.{team_name}.storage.{kind})"
             )
     return problems
