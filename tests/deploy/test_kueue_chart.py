@@ -27,6 +27,7 @@ from tests.support.deploy_files import (
     HELM,
     KUEUE_GROUP,
     chart_values,
+    closed_schema,
     environment_text,
     is_kueue,
     load_yaml,
@@ -116,29 +117,6 @@ def requires_crds() -> None:
         pytest.skip(f"{CRDS.resolve()} is absent: Kueue's CRDs come with shared/ (CI has it)")
 
 
-def _closed(schema: Any) -> Any:
-    """An OpenAPI schema that refuses unknown fields (every object schema with properties and no
-    x-kubernetes-preserve-unknown-fields), with defaulted fields not required (the API server
-    fills them before it validates)."""
-    if not isinstance(schema, dict):
-        return schema
-    schema = dict(schema)
-    if "properties" in schema:
-        schema["properties"] = {k: _closed(v) for k, v in schema["properties"].items()}
-        if "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
-            schema["additionalProperties"] = False
-        defaulted = {k for k, v in schema["properties"].items() if isinstance(v, dict) and "default" in v}
-        if "required" in schema:
-            schema["required"] = [k for k in schema["required"] if k not in defaulted]
-    for key in ("items", "additionalProperties"):
-        if isinstance(schema.get(key), dict):
-            schema[key] = _closed(schema[key])
-    for key in ("allOf", "anyOf", "oneOf"):
-        if key in schema:
-            schema[key] = [_closed(s) for s in schema[key]]
-    return schema
-
-
 @functools.cache
 def crds() -> dict[str, dict[str, Any]]:
     """kind -> the CRD (v1beta2 only) as Kueue v0.19.2 ships it."""
@@ -158,7 +136,7 @@ def schema_of(kind: str) -> dict[str, Any]:
 def schema_errors(manifest: dict[str, Any]) -> list[str]:
     import jsonschema
 
-    validator = jsonschema.Draft202012Validator(_closed(schema_of(manifest["kind"])))
+    validator = jsonschema.Draft202012Validator(closed_schema(schema_of(manifest["kind"])))
     return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(manifest)]
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.deploy_files import DOCKER, deep_merge, load_yaml, requirement_pins
+from tests.support.deploy_files import DOCKER, closed_schema, deep_merge, load_yaml, requirement_pins
 from tests.support.paths import ROOT
 
 UPSTREAM = ROOT / ".." / "shared" / "upstream-charts"
@@ -350,30 +350,6 @@ def literal_env(container: dict[str, Any]) -> dict[str, str]:
 # --------------------------------------------------------------------------- strict schemas
 
 
-def _closed(schema: Any) -> Any:
-    """An OpenAPI schema that, like kubernetes-validate's strict mode, refuses unknown fields."""
-    if not isinstance(schema, dict):
-        return schema
-    schema = dict(schema)
-    if "(?i)" in schema.get("pattern", "")[1:]:  # Go allows inline flags anywhere, Python at the start
-        schema["pattern"] = "(?i)" + schema["pattern"].replace("(?i)", "")
-    if "properties" in schema:
-        schema["properties"] = {k: _closed(v) for k, v in schema["properties"].items()}
-        if "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
-            schema["additionalProperties"] = False
-        # the API server fills a defaulted field before it validates
-        defaulted = {k for k, v in schema["properties"].items() if isinstance(v, dict) and "default" in v}
-        if "required" in schema:
-            schema["required"] = [k for k in schema["required"] if k not in defaulted]
-    for key in ("items", "additionalProperties"):
-        if isinstance(schema.get(key), dict):
-            schema[key] = _closed(schema[key])
-    for key in ("allOf", "anyOf", "oneOf"):
-        if key in schema:
-            schema[key] = [_closed(s) for s in schema[key]]
-    return schema
-
-
 @functools.cache
 def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
     """(apiVersion, kind) -> closed schema, from the CRDs the upstream charts ship."""
@@ -390,7 +366,7 @@ def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
                     for version in crd["spec"]["versions"]:
                         api_version = f"{crd['spec']['group']}/{version['name']}"
                         schema = version["schema"]["openAPIV3Schema"]
-                        schemas[(api_version, crd["spec"]["names"]["kind"])] = _closed(schema)
+                        schemas[(api_version, crd["spec"]["names"]["kind"])] = closed_schema(schema)
     return schemas
 
 

@@ -19,10 +19,12 @@ import re
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.dag_bundle import dag_bundle_folder
 from tests.support.k8s_emulator import KubernetesEmulator
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -49,18 +51,8 @@ def kubeconfig(k8s, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dags_folder(tmp_path_factory, airflow_db) -> Path:
-    folder = tmp_path_factory.mktemp("kpo-dags")
-    bundle = {
-        "name": "k8s-emulator-tests",
-        "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
-        "kwargs": {"path": str(folder), "refresh_interval": 0},
-    }
-    with pytest.MonkeyPatch.context() as patch:
-        # An explicit bundle, not DAGS_FOLDER: Airflow freezes settings.DAGS_FOLDER at first import,
-        # while DagBundlesManager reads this option afresh each time dag.test() syncs bundles.
-        patch.setenv("AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", json.dumps([bundle]))
-        yield folder
+def dags_folder(tmp_path_factory, airflow_db) -> Iterator[Path]:
+    yield from dag_bundle_folder(tmp_path_factory, "k8s-emulator-tests")
 
 
 def run_pod_dag(  # noqa: PLR0917

@@ -14,11 +14,13 @@ import hashlib
 import itertools
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.support.dag_bundle import dag_bundle_folder
 from tests.support.k8s_emulator import ApiError, KubernetesEmulator
 from tests.support.paths import ROOT
 
@@ -740,16 +742,8 @@ def test_kueue_is_inert_until_installed(k8s, clients):
 
 
 @pytest.fixture(scope="module")
-def dag_folder(tmp_path_factory, airflow_db) -> Path:
-    folder = tmp_path_factory.mktemp("kueue-dags")
-    bundle = {
-        "name": "kueue-emulator-tests",
-        "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
-        "kwargs": {"path": str(folder), "refresh_interval": 0},
-    }
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", json.dumps([bundle]))
-        yield folder
+def dag_folder(tmp_path_factory, airflow_db) -> Iterator[Path]:
+    yield from dag_bundle_folder(tmp_path_factory, "kueue-emulator-tests")
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

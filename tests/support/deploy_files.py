@@ -112,3 +112,35 @@ def of_kind(manifests: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 def is_kueue(manifest: dict[str, Any]) -> bool:
     return manifest["apiVersion"].split("/")[0] == KUEUE_GROUP
+
+
+# --------------------------------------------------------------------------- strict CRD schemas
+
+
+def closed_schema(schema: Any) -> Any:
+    """An OpenAPI schema that, like kubernetes-validate's strict mode, refuses unknown fields.
+
+    Every object schema with properties and no ``x-kubernetes-preserve-unknown-fields`` is closed,
+    and defaulted fields are not required (the API server fills them before it validates). For
+    the CRDs of the upstream charts and Kueue's.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    schema = dict(schema)
+    if "(?i)" in schema.get("pattern", "")[1:]:  # Go allows inline flags anywhere, Python at the start
+        schema["pattern"] = "(?i)" + schema["pattern"].replace("(?i)", "")
+    if "properties" in schema:
+        schema["properties"] = {k: closed_schema(v) for k, v in schema["properties"].items()}
+        if "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        # the API server fills a defaulted field before it validates
+        defaulted = {k for k, v in schema["properties"].items() if isinstance(v, dict) and "default" in v}
+        if "required" in schema:
+            schema["required"] = [k for k in schema["required"] if k not in defaulted]
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            schema[key] = closed_schema(schema[key])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in schema:
+            schema[key] = [closed_schema(s) for s in schema[key]]
+    return schema
