@@ -318,8 +318,8 @@ def test_queues_follow_the_environment_yaml(manifests: list[dict[str, Any]], nam
         spec = queues[environment.cluster_queue(team_name)]["spec"]
         assert spec["cohortName"] == k8s.kueue.cohort
         assert spec["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": k8s.namespace}}
-        nominal = k8s.gpu_counts(team_name, "gpus", team.gpus, k8s)
-        borrow = k8s.gpu_counts(team_name, "borrow_gpus", team.borrow_gpus, k8s)
+        nominal = k8s.gpu_counts(team_name, "gpus", team.gpus)
+        borrow = k8s.gpu_counts(team_name, "borrow_gpus", team.borrow_gpus)
         flavors = {f["name"]: f["resources"] for f in gpu_group({"spec": spec})["flavors"]}
         assert list(flavors) == [f"trainyard-{t}" for t in sorted(k8s.gpu_types)]
         for gpu_type in k8s.gpu_types:

@@ -244,29 +244,26 @@ class KubernetesSettings(StrictModel):
                 )
         return types
 
-    @staticmethod
-    def gpu_counts(
-        team: str, field: str, value: GpuCount | None, k8s: KubernetesSettings
-    ) -> dict[str, int] | None:
+    def gpu_counts(self, team: str, field: str, value: GpuCount | None) -> dict[str, int] | None:
         """A team's GPUs per GPU type; a bare number needs exactly one GPU type (or none declared)."""
         if value is None:
             return None
         if isinstance(value, int):
             if value == 0:
-                return dict.fromkeys(k8s.gpu_types or ("default",), 0)
-            if len(k8s.gpu_types) > 1:
+                return dict.fromkeys(self.gpu_types or ("default",), 0)
+            if len(self.gpu_types) > 1:
                 raise ValueError(
                     f"teams.{team}.{field}: {value} is ambiguous with GPU types "
-                    f"{', '.join(sorted(k8s.gpu_types))}; write {{<gpu_type>: <count>}}"
+                    f"{', '.join(sorted(self.gpu_types))}; write {{<gpu_type>: <count>}}"
                 )
-            return {next(iter(k8s.gpu_types), "default"): value}
-        unknown = sorted(set(value) - set(k8s.gpu_types))
+            return {next(iter(self.gpu_types), "default"): value}
+        unknown = sorted(set(value) - set(self.gpu_types))
         if unknown:
             raise ValueError(
                 f"teams.{team}.{field}: unknown GPU type(s) {', '.join(unknown)}; "
-                f"kubernetes.gpu_types has {', '.join(sorted(k8s.gpu_types)) or 'none'}"
+                f"kubernetes.gpu_types has {', '.join(sorted(self.gpu_types)) or 'none'}"
             )
-        return {gpu_type: value.get(gpu_type, 0) for gpu_type in k8s.gpu_types}
+        return {gpu_type: value.get(gpu_type, 0) for gpu_type in self.gpu_types}
 
     @property
     def workload_priority_class(self) -> str:
@@ -390,7 +387,7 @@ class EnvironmentConfig(StrictModel):
                         "team's pods get their own credentials (teams.<team>.credentials_secret); remove it"
                     )
                 for field in ("gpus", "borrow_gpus"):
-                    self.kubernetes.gpu_counts(name, field, getattr(team, field), self.kubernetes)
+                    self.kubernetes.gpu_counts(name, field, getattr(team, field))
         if self.kubernetes is not None and self.kubernetes.scheduling == "kueue":
             if not self.teams:
                 raise ValueError(

@@ -280,8 +280,8 @@ def _team_problems(config: PipelineConfig, environment: EnvironmentConfig) -> li
     k8s = environment.kubernetes
     if k8s is not None and k8s.scheduling == "kueue" and config.resources.gpus:
         gpu_type = config.resources.gpu_type
-        nominal = k8s.gpu_counts(config.team, "gpus", team.gpus, k8s) or {}
-        borrow = k8s.gpu_counts(config.team, "borrow_gpus", team.borrow_gpus, k8s)
+        nominal = k8s.gpu_counts(config.team, "gpus", team.gpus) or {}
+        borrow = k8s.gpu_counts(config.team, "borrow_gpus", team.borrow_gpus)
         types = [gpu_type] if gpu_type in nominal else list(nominal)
         if borrow is not None and all(nominal[t] + borrow[t] < config.resources.gpus for t in types):
             most = max(nominal[t] + borrow[t] for t in types) if types else 0

@@ -78,8 +78,8 @@ def quota_text(env: Any, team_name: str) -> str:
     k8s = env.kubernetes
     if team is None or k8s is None:
         return "no quota declared"
-    nominal = k8s.gpu_counts(team_name, "gpus", team.gpus, k8s) or {}
-    borrow = k8s.gpu_counts(team_name, "borrow_gpus", team.borrow_gpus, k8s)
+    nominal = k8s.gpu_counts(team_name, "gpus", team.gpus) or {}
+    borrow = k8s.gpu_counts(team_name, "borrow_gpus", team.borrow_gpus)
     guaranteed = ", ".join(f"{count} {kind}" for kind, count in nominal.items()) or "0"
     if borrow is None:
         lent = "any idle GPU of the cohort borrowed"
