@@ -46,6 +46,24 @@ TAG_RUN_ID = "airflow.run_id"
 TAG_TRY_NUMBER = "airflow.try_number"
 TAG_MODEL_URI = "trainyard.model_uri"
 TAG_RESUMED_FROM_STEP = "trainyard.resumed_from_step"
+TAG_TEAM = "trainyard.team"
+#: What the run was made of (data, training section, base model, trainer build): a DAG run whose
+#: inputs have the same key as the champion's or the last successful run's is skipped.
+TAG_CONTENT_KEY = "trainyard.content_key"
+
+#: The champion, re-scored by the trainer on the candidate's validation split with the same code:
+#: its metrics are logged on the candidate run as CHAMPION_METRIC_PREFIX + the EVAL_METRICS name
+#: (``champion_eval_f1_macro``) and promotion decides on that pair. The tags say which version was
+#: scored, or why it could not be (then no champion_* metric exists).
+CHAMPION_METRIC_PREFIX = "champion_"
+TAG_CHAMPION_SCORED_VERSION = "trainyard.champion.version"
+TAG_CHAMPION_UNSCORABLE = "trainyard.champion.unscorable"  # the reason, as a sentence
+#: Artifacts of the evaluation on the candidate run: per-class precision/recall/F1 and support of
+#: both models as one JSON document, and one confusion-matrix image per model.
+EVALUATION_ARTIFACT_DIR = "evaluation"
+PER_CLASS_ARTIFACT = f"{EVALUATION_ARTIFACT_DIR}/per_class.json"
+CONFUSION_CANDIDATE_ARTIFACT = f"{EVALUATION_ARTIFACT_DIR}/confusion_candidate.png"
+CONFUSION_CHAMPION_ARTIFACT = f"{EVALUATION_ARTIFACT_DIR}/confusion_champion.png"
 
 #: Why a run ended FAILED or KILLED, set by the trainer as it stops; ``trainyard summary`` reads them
 #: and a later successful attempt of the same run removes them.
@@ -144,6 +162,16 @@ class RunIdentity(StrictModel):
     try_number: int = Field(1, ge=0)
 
 
+class ChampionRef(StrictModel):
+    """The model version holding the champion alias when the run was launched: the trainer scores it
+    on this run's validation split, so promotion compares both models on the same data."""
+
+    name: str = Field(min_length=1, description="Registered model name.")
+    version: str = Field(min_length=1)
+    model_uri: str = Field(min_length=1, description="What mlflow.artifacts can download (models:/...).")
+    run_id: str | None = Field(None, description="The MLflow run it was trained in.")
+
+
 class RunSpec(StrictModel):
     """One training run, fully resolved: nothing in it is looked up again by the trainer."""
 
@@ -158,6 +186,9 @@ class RunSpec(StrictModel):
     s3_endpoint_url: str | None = None
     keep_checkpoints: bool = Field(False, description="Keep checkpoints after a successful run.")
     validation_report: dict | None = Field(None, description="Logged as an MLflow artifact.")
+    champion: ChampionRef | None = Field(None, description="Scored on the validation split too.")
+    team: str | None = Field(None, description="Recorded as a run tag (reports group by it).")
+    content_key: str | None = Field(None, description="Recorded as a run tag (see TAG_CONTENT_KEY).")
 
     @field_validator("dataset_fingerprint")
     @classmethod
@@ -193,9 +224,16 @@ def label_id(value: object, label_names: tuple[str, ...]) -> int | None:
     return None
 
 
-def run_tags(identity: RunIdentity, dataset_fingerprint: str) -> dict[str, str]:
-    """The MLflow run tags that identify a training run; promotion searches by them."""
-    return {
+def run_tags(
+    identity: RunIdentity,
+    dataset_fingerprint: str,
+    *,
+    team: str | None = None,
+    content_key: str | None = None,
+) -> dict[str, str]:
+    """The MLflow run tags that identify a training run; promotion, the skip check and reports
+    search by them."""
+    tags = {
         TAG_PIPELINE: identity.pipeline,
         TAG_ENVIRONMENT: identity.environment,
         TAG_FINGERPRINT: dataset_fingerprint,
@@ -203,3 +241,8 @@ def run_tags(identity: RunIdentity, dataset_fingerprint: str) -> dict[str, str]:
         TAG_RUN_ID: identity.run_id,
         TAG_TRY_NUMBER: str(identity.try_number),
     }
+    if team:
+        tags[TAG_TEAM] = team
+    if content_key:
+        tags[TAG_CONTENT_KEY] = content_key
+    return tags

@@ -100,7 +100,9 @@ class Tracker:
             run_name=None if run_id else f"{identity.pipeline}-{identity.run_id}",
         )
         self.run_id = run.info.run_id
-        tags = run_tags(identity, self.spec.dataset_fingerprint)
+        tags = run_tags(
+            identity, self.spec.dataset_fingerprint, team=self.spec.team, content_key=self.spec.content_key
+        )
         if resumed_from_step is not None:
             tags[TAG_RESUMED_FROM_STEP] = str(resumed_from_step)
         mlflow.set_tags(tags)

@@ -14,7 +14,7 @@ from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 from pydantic import Field, ValidationError
 
-from trainer.spec import FINGERPRINT_PATTERN, Hyperparameters, StrictModel
+from trainer.spec import FINGERPRINT_PATTERN, ChampionRef, Hyperparameters, StrictModel
 
 if TYPE_CHECKING:
     from trainyard.config.loading import ResolvedPipeline
@@ -28,6 +28,20 @@ class HandoffMissing(RuntimeError):
     """The approval is absent or unreadable; the message says how to get a valid one."""
 
 
+class Unchanged(StrictModel):
+    """The earlier run whose inputs were identical: this DAG run skips train and promote."""
+
+    mlflow_run_id: str
+    dag_run_id: str | None = None
+    version: str | None = Field(None, description="Its model version, when it was registered.")
+    champion: bool = Field(False, description="It is the current champion.")
+
+    @property
+    def reason(self) -> str:
+        version = f" (version {self.version})" if self.version else ""
+        return f"identical inputs to run {self.dag_run_id or self.mlflow_run_id}{version}"
+
+
 class Approval(StrictModel):
     """The data and settings ``validate_data`` approved for one DAG run."""
 
@@ -35,6 +49,11 @@ class Approval(StrictModel):
     hyperparameters: Hyperparameters = Field(description="The pipeline's training section with overrides.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Conf values that changed a default.")
     report: dict[str, Any] | None = Field(None, description="The data validation report, for MLflow.")
+    content_key: str | None = Field(None, description="Data, training section, base model and trainer.")
+    champion: ChampionRef | None = Field(None, description="The champion when validated: train scores it.")
+    unchanged: Unchanged | None = Field(
+        None, description="Set when an earlier run had these exact inputs: train and promote skip."
+    )
 
     def to_xcom(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from trainer.spec import StrictModel
-from trainyard.config.pipeline_schema import check_uri, quantity
+from trainyard.config.pipeline_schema import EMAIL, check_uri, quantity
 from trainyard.config.yaml_source import YamlLimits
 
 NAMING_FIELDS = ("pipeline", "environment", "team")
@@ -351,6 +351,48 @@ class Team(StrictModel):
         return value
 
 
+#: What Trainyard tells people about, by name: the keys of ``notifications.events``.
+NOTIFICATION_EVENTS = (
+    "run_failed",
+    "model_promoted",
+    "candidate_rejected",
+    "approval_waiting",
+    "run_skipped",
+)
+
+
+class EmailChannel(StrictModel):
+    """Mail through an Airflow SMTP connection (the smtp provider's notifier)."""
+
+    connection_id: str = Field("smtp_default", min_length=1, description="Airflow SMTP connection id.")
+    from_email: str = Field(pattern=EMAIL.pattern, description="The From address.")
+    to: tuple[str, ...] = Field((), description="Always mailed; pipelines add their owner and recipients.")
+
+    @field_validator("to")
+    @classmethod
+    def _addresses(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        for value in values:
+            if not EMAIL.match(value):
+                raise ValueError(f"'{value}' is not an email address (name@domain)")
+        return values
+
+
+class SlackChannel(StrictModel):
+    """A Slack incoming webhook through an Airflow connection (the slack provider's notifier)."""
+
+    connection_id: str = Field(min_length=1, description="Airflow Slack incoming-webhook connection id.")
+
+
+class Notifications(StrictModel):
+    """Where the platform's events go. A notifier that fails is logged and never fails a run."""
+
+    email: EmailChannel | None = None
+    slack: SlackChannel | None = None
+    events: tuple[Literal[NOTIFICATION_EVENTS], ...] = Field(  # type: ignore[valid-type]
+        NOTIFICATION_EVENTS, description="Which events are sent (default: all)."
+    )
+
+
 class EnvironmentConfig(StrictModel):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]*$")
     launcher: Literal["local", "kubernetes"]
@@ -362,6 +404,13 @@ class EnvironmentConfig(StrictModel):
         default_factory=dict,
         description="Teams allowed to train here, with quotas, identity and storage; empty = any team.",
     )
+    notifications: Notifications | None = Field(None, description="Email and Slack for run events.")
+    gpu_hour_price: dict[str, float] = Field(
+        default_factory=dict,
+        description="Price of one GPU-hour per GPU type ('default' for pods without a type); "
+        "costs of runs and teams are computed from it.",
+    )
+    currency: str = Field("USD", pattern=r"^[A-Z]{3}$", description="ISO 4217 code of gpu_hour_price.")
     pipeline_files: YamlLimits = Field(
         YamlLimits(), description="What one pipeline file may cost to parse; a file over it is refused."
     )
@@ -400,6 +449,19 @@ class EnvironmentConfig(StrictModel):
                     "becomes a ResourceFlavor; add gpu_types: {<type>: {node_labels: {...}}}"
                 )
         return self
+
+    @field_validator("gpu_hour_price")
+    @classmethod
+    def _prices(cls, prices: dict[str, float]) -> dict[str, float]:
+        for gpu_type, price in prices.items():
+            if not (price >= 0 and price < 1e6):
+                raise ValueError(f"gpu_hour_price.{gpu_type} = {price}: a price is a number from 0 to 1e6")
+        return prices
+
+    def price_per_gpu_hour(self, gpu_type: str | None) -> float | None:
+        """What one GPU-hour of ``gpu_type`` costs here; None when no price is set for it."""
+        prices = self.gpu_hour_price
+        return prices.get(gpu_type or "default", prices.get("default"))
 
     def team(self, name: str) -> Team | None:
         return self.teams.get(name)

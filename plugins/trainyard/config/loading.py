@@ -146,7 +146,13 @@ class ResolvedPipeline:
 
     @property
     def schedule(self) -> str | None:
-        return self.config.schedule if self.environment.airflow.schedules_enabled else None
+        """The cron or preset runs start on here; None where the environment turns schedules off."""
+        return self.config.cron if self.environment.airflow.schedules_enabled else None
+
+    @property
+    def on_dataset_update(self) -> bool:
+        """Whether asset events for the dataset start runs here (off with the environment's schedules)."""
+        return self.config.on_dataset_update and self.environment.airflow.schedules_enabled
 
     def _naming(self, template: str) -> str:
         return template.format(pipeline=self.name, environment=self.environment.name, team=self.config.team)

@@ -22,6 +22,7 @@ AIRFLOW_PRESETS = (
     "@yearly",
 )
 URI_SCHEMES = ("s3://", "file://")
+EMAIL = re.compile(r"^[^@\s,;<>]+@[^@\s,;<>]+\.[^@\s,;<>]+$")
 K8S_QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 
 
@@ -115,6 +116,25 @@ DEPRECATED_FIELDS: dict[tuple[str, str], str] = {
 }
 
 
+class ApprovalPolicy(StrictModel):
+    """A person signs off before the alias moves (only ever asked once the rule said "better")."""
+
+    required: bool = Field(True, description="false = the alias moves as soon as the rule says so.")
+    approvers: tuple[str, ...] = Field(
+        (), description="Airflow user names who may approve; empty = anyone who may edit the DAG."
+    )
+    timeout_hours: float = Field(
+        48, gt=0, le=24 * 30, description="Without an answer by then the candidate is not promoted."
+    )
+
+    @field_validator("approvers")
+    @classmethod
+    def _distinct(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not name.strip() for name in names):
+            raise ValueError("approver names must not be blank")
+        return tuple(dict.fromkeys(names))
+
+
 class Promotion(StrictModel):
     metric: str = Field("eval_f1_macro", description=f"One of: {', '.join(EVAL_METRICS)}.")
     must_reach: float | None = Field(
@@ -124,6 +144,12 @@ class Promotion(StrictModel):
     )
     min_improvement: float = Field(0.0, ge=0, description="Required margin over the current champion.")
     alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
+    if_champion_unscorable: Literal["reject", "compare_recorded"] = Field(
+        "reject",
+        description="When the champion cannot be scored on the candidate's validation split (other "
+        "labels, missing model): reject the candidate, or compare with the champion's recorded metric.",
+    )
+    approval: ApprovalPolicy | None = Field(None, description="Human sign-off before the alias moves.")
 
     @model_validator(mode="before")
     @classmethod
@@ -150,18 +176,63 @@ class Promotion(StrictModel):
         return EVAL_METRICS[self.metric]
 
 
+def check_cron(value: str) -> str:
+    """A cron expression or one of Airflow's presets."""
+    if value.startswith("@"):
+        if value not in AIRFLOW_PRESETS:
+            raise ValueError(f"unknown preset '{value}'; use one of {', '.join(AIRFLOW_PRESETS)}")
+        return value
+    from croniter import croniter
+
+    if not croniter.is_valid(value):
+        raise ValueError(f"'{value}' is not a valid cron expression (e.g. '0 3 * * 1')")
+    return value
+
+
+class Schedule(StrictModel):
+    """When runs start besides manual triggers: a cron, new data (Airflow Assets), or both."""
+
+    cron: str | None = Field(None, description="Cron expression or Airflow preset.")
+    on_dataset_update: bool = Field(
+        False, description="Run when an Airflow asset event names one of the dataset's locations."
+    )
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        return None if value is None else check_cron(value)
+
+
+class PipelineNotifications(StrictModel):
+    """Who else hears about this pipeline's runs (the environment decides the channels)."""
+
+    email: tuple[str, ...] = Field((), description="Extra recipients of the environment's mail.")
+
+    @field_validator("email")
+    @classmethod
+    def _addresses(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        for value in values:
+            if not EMAIL.match(value):
+                raise ValueError(f"'{value}' is not an email address (name@domain)")
+        return tuple(dict.fromkeys(values))
+
+
 class PipelineConfig(StrictModel):
     name: str = Field(description="The DAG id; lowercase letters, digits and dashes.")
     description: str = ""
     owner: str = Field(min_length=1, description="Person or mailbox accountable for the model.")
     team: str = Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9-]*$")
-    schedule: str | None = Field(None, description="Cron expression, Airflow preset, or null (manual).")
+    schedule: str | Schedule | None = Field(
+        None,
+        description="Cron expression, Airflow preset, {cron, on_dataset_update}, or null (manual only).",
+    )
     dataset: DatasetConfig
     model: ModelSpec
     training: Hyperparameters = Hyperparameters()
     resources: Resources = Resources()
     promotion: Promotion = Promotion()
     overridable: tuple[str, ...] = Field((), description="Hyperparameters a trigger may override.")
+    notifications: PipelineNotifications = PipelineNotifications()
     environments: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-environment overrides, merged over this file."
     )
@@ -178,16 +249,17 @@ class PipelineConfig(StrictModel):
 
     @field_validator("schedule")
     @classmethod
-    def _schedule(cls, value: str | None) -> str | None:
-        if value is None or value.startswith("@"):
-            if value is not None and value not in AIRFLOW_PRESETS:
-                raise ValueError(f"unknown preset '{value}'; use one of {', '.join(AIRFLOW_PRESETS)}")
-            return value
-        from croniter import croniter
+    def _schedule(cls, value: str | Schedule | None) -> str | Schedule | None:
+        return check_cron(value) if isinstance(value, str) else value
 
-        if not croniter.is_valid(value):
-            raise ValueError(f"'{value}' is not a valid cron expression (e.g. '0 3 * * 1')")
-        return value
+    @property
+    def cron(self) -> str | None:
+        """The time-based part of the schedule, whichever way it was written."""
+        return self.schedule.cron if isinstance(self.schedule, Schedule) else self.schedule
+
+    @property
+    def on_dataset_update(self) -> bool:
+        return isinstance(self.schedule, Schedule) and self.schedule.on_dataset_update
 
     @field_validator("overridable")
     @classmethod

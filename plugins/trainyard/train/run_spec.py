@@ -65,6 +65,9 @@ def run_spec(pipeline: ResolvedPipeline, approval: Approval, run_id: str, try_nu
         s3_endpoint_url=env.storage.s3_endpoint_url,
         keep_checkpoints=env.storage.keep_checkpoints,
         validation_report=approval.report,
+        team=pipeline.config.team,
+        content_key=approval.content_key,
+        champion=approval.champion,
     )
     if len(spec.model_dump_json()) > MAX_SPEC_BYTES:
         # The spec is one argv element (Linux caps one at 128 KiB); the report stays in the task log.
