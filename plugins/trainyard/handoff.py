@@ -96,3 +96,16 @@ class PipelineOperator(BaseOperator):
             return Approval.pull(context)
         except HandoffMissing as exc:
             raise AirflowFailException(str(exc)) from None
+
+    @staticmethod
+    def approval_to_train(context: Context, log: Any) -> Approval:
+        """This run's approval, or AirflowSkipException when its inputs are those of an earlier run:
+        nothing would change, so no GPU is requested (``promote``, downstream, is skipped with it)."""
+        approved = PipelineOperator.approval(context)
+        if approved.unchanged is not None:
+            from airflow.sdk.exceptions import AirflowSkipException
+
+            reason = approved.unchanged.reason
+            log.info('Skipping training: %s; trigger with conf {"force_retrain": true} to train', reason)
+            raise AirflowSkipException(reason)
+        return approved

@@ -37,7 +37,7 @@ class LocalTrainOperator(PipelineOperator):
 
         spec = run_spec(
             self.pipeline,
-            self.approval(context),
+            self.approval_to_train(context, self.log),
             run_id=context["dag_run"].run_id,
             try_number=context["ti"].try_number,
         )

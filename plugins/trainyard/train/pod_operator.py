@@ -129,7 +129,7 @@ class KubernetesTrainOperator(KubernetesPodOperator):
     # ------------------------------------------------------------------------------ the task's flow
 
     def execute(self, context: Context) -> Any:
-        self.prepare_run(context, PipelineOperator.approval(context))
+        self.prepare_run(context, PipelineOperator.approval_to_train(context, self.log))
         while True:
             outcome = self._attempt(context, lambda: super(KubernetesTrainOperator, self).execute(context))
             if outcome is not _RELAUNCH:
