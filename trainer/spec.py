@@ -50,6 +50,12 @@ TAG_TEAM = "trainyard.team"
 #: What the run was made of (data, training section, base model, trainer build): a DAG run whose
 #: inputs have the same key as the champion's or the last successful run's is skipped.
 TAG_CONTENT_KEY = "trainyard.content_key"
+#: Set on the MLflow run recorded for a DAG run that trained nothing: ``skipped`` when its inputs
+#: were identical to an earlier run's (named by TAG_SKIPPED_FOR, the MLflow run id).
+TAG_OUTCOME = "trainyard.outcome"
+OUTCOME_SKIPPED = "skipped"
+TAG_SKIPPED_FOR = "trainyard.skipped_for"
+TAG_SKIP_REASON = "trainyard.skip_reason"
 
 #: The champion, re-scored by the trainer on the candidate's validation split with the same code:
 #: its metrics are logged on the candidate run as CHAMPION_METRIC_PREFIX + the EVAL_METRICS name
