@@ -24,6 +24,7 @@ from trainyard.config.loading import ResolvedPipeline, load_environment, load_pi
 from trainyard.config.parse_cache import ParseCache, default_cache_dir
 from trainyard.handoff import PROMOTE_TASK, TRAIN_TASK, VALIDATE_TASK
 from trainyard.loader_files import Shard, shard_of_loader
+from trainyard.notify import run_failed_callback
 from trainyard.promote.operator import PromoteOperator
 from trainyard.train.local import LocalTrainOperator
 from trainyard.validate.operator import ValidateDataOperator
@@ -128,6 +129,12 @@ def build_dag(pipeline: ResolvedPipeline) -> DAG:
                 "retry_delay": timedelta(minutes=airflow.retry_delay_minutes),
                 # A hung S3 or MLflow call must not hold the DAG's only active run forever.
                 "execution_timeout": timedelta(minutes=airflow.task_timeout_minutes),
+                # Mail / Slack after a task's last try; a notification never changes the outcome.
+                **(
+                    {"on_failure_callback": run_failed_callback(pipeline)}
+                    if pipeline.environment.notifications
+                    else {}
+                ),
             },
             access_control=access_control(pipeline),
         )
