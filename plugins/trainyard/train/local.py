@@ -1,8 +1,13 @@
-"""The ``train`` task on this machine: ``python -m trainer`` as a child process, the argv a pod gets."""
+"""The ``train`` task on this machine: ``python -m trainer`` as a child process, the argv a pod gets.
+
+Its cost (``trainyard.cost``) counts the process's running time on 0 GPUs: the Airflow side has
+no torch to count this machine's devices, and a workstation's GPUs are not billed per hour.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import datetime
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowFailException
@@ -10,6 +15,9 @@ from airflow.sdk.exceptions import AirflowFailException
 from trainer.spec import PERMANENT_EXIT_CODES
 from trainyard.handoff import PipelineOperator
 from trainyard.train.run_spec import run_spec
+
+if TYPE_CHECKING:
+    from trainyard.cost import PodEnd
 
 
 def training_finished_line(result: dict[str, Any]) -> str:
@@ -42,19 +50,80 @@ class LocalTrainOperator(PipelineOperator):
             try_number=context["ti"].try_number,
         )
         self._trainer = LocalTrainer(LaunchSpec.for_run(spec), self.log)
+        started = _now()
+        result: dict[str, Any] | None = None
+        end: PodEnd = "failed"
         try:
             result = self._trainer.run()
+            end = "succeeded"
         except TrainerFailed as exc:
             # A bad spec or bad input fails the same way on every retry: do not spend them.
             error = AirflowFailException if exc.exit_code in PERMANENT_EXIT_CODES else RuntimeError
             raise error(str(exc)) from None
         except BaseException:
             # Timeout or kill: the trainer checkpoints on SIGTERM and must not outlive its task.
+            end = "stopped"
             self._trainer.terminate()
             raise
+        finally:
+            self._record_cost(context, started, end, result)
         self.log.info("%s", training_finished_line(result))
         return result
+
+    def _record_cost(self, context: Context, started: datetime.datetime, end: PodEnd, result: Any) -> None:
+        """This try's process joins the run's earlier ones; the total goes to XCom and MLflow."""
+        from trainyard.cost import XCOM_KEY, cost_line, find_training_run, log_cost, run_cost
+        from trainyard.train.run_state import RunState, state_store
+
+        try:
+            store = state_store(context)
+            try_number = context["ti"].try_number
+            state = RunState.load(store).with_pod_time(
+                uid=f"local-{context['dag_run'].run_id}-{try_number}",
+                name=f"local process, try {try_number}",
+                times={"created_at": started, "started_at": started},
+                ended_at=_now(),
+                end=end,
+            )
+            state.save(store)
+            env = self.pipeline.environment
+            cost = run_cost(
+                state.pods,
+                gpus=0,
+                gpu_type=None,
+                price_per_gpu_hour=env.price_per_gpu_hour(None),
+                currency=env.currency,
+                now=_now(),
+                history=[],
+            )
+            context["ti"].xcom_push(key=XCOM_KEY, value=cost.model_dump(mode="json"))
+            self.log.info("%s", cost_line(cost))
+        except Exception:
+            self.log.warning("Could not work out the cost of this run", exc_info=True)
+            return
+        try:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=env.mlflow.tracking_uri)
+            run_id = (result or {}).get("mlflow_run_id")
+            if not run_id:
+                run = find_training_run(
+                    client,
+                    self.pipeline.experiment_name,
+                    pipeline=self.pipeline.name,
+                    environment=env.name,
+                    dag_run_id=context["dag_run"].run_id,
+                )
+                run_id = run.info.run_id if run is not None else None
+            if run_id:
+                log_cost(client, run_id, cost)
+        except Exception:  # the cost is in the XCom and the log; the MLflow run only lacks it
+            self.log.warning("Could not record the cost on the MLflow run", exc_info=True)
 
     def on_kill(self) -> None:
         if self._trainer is not None:
             self._trainer.terminate()
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)

@@ -77,6 +77,8 @@ class RunPods:
     margin: float = 60  # beyond the grace period, for the kubelet to report and the API to remove
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
+    #: Told of each pod this removed, once it is gone (the run's cost counts its time).
+    on_removed: Callable[[Any], None] | None = None
 
     def list(self) -> list[Any]:
         return list(self.client.list_namespaced_pod(self.namespace, label_selector=self.selector).items)
@@ -111,6 +113,9 @@ class RunPods:
             )
             self.delete(pod)
         self.wait_gone([pod.metadata.name for pod in pods])
+        if self.on_removed is not None:
+            for pod in pods:
+                self.on_removed(pod)
 
     def delete(self, pod: Any) -> None:
         try:

@@ -19,7 +19,18 @@ from airflow.providers.cncf.kubernetes.triggers.pod import KubernetesPodTrigger
 from airflow.providers.cncf.kubernetes.utils.pod_manager import PodManager, PodNotFoundException
 from airflow.sdk import Context
 
+from trainer.spec import TAG_CHECKPOINT_STEP
 from trainyard.config.loading import ResolvedPipeline
+from trainyard.cost import (
+    XCOM_KEY,
+    PodEnd,
+    cost_line,
+    find_training_run,
+    log_cost,
+    observed_times,
+    progress_of,
+    run_cost,
+)
 from trainyard.handoff import Approval, PipelineOperator
 from trainyard.train.budget import BudgetSpent, deadline_for, seconds_left
 from trainyard.train.one_pod import LAUNCH_ANNOTATION, RunPods, new_launch_id
@@ -66,11 +77,15 @@ class WatchedPodManager(PodManager):
 
     last_seen: Any = None
     ran = False
+    #: Told of every read (the operator keeps each pod's start and end for its cost).
+    observer: Any = None
 
     def read_pod(self, pod: Any) -> Any:
         remote = super().read_pod(pod)
         self.last_seen = remote
         self.ran = self.ran or has_run(remote)
+        if self.observer is not None:
+            self.observer(remote)
         return remote
 
 
@@ -87,6 +102,8 @@ class KubernetesTrainOperator(KubernetesPodOperator):
     * Under Kueue a queued pod is a waiting run (``trainyard.train.queue_wait``): the task reports
       its place in the queue, the wait has its own bound and is recorded, and a Kueue preemption
       requeues the run without counting against the relaunch limit.
+    * Every pod's times are kept in the run state and the run's GPU cost (``trainyard.cost``) is
+      recorded when the task ends, however it ends: XCom ``cost`` and metrics on the MLflow run.
     """
 
     # Nothing is templated: every field comes from YAML or from the validated run spec, and Jinja in
@@ -111,10 +128,14 @@ class KubernetesTrainOperator(KubernetesPodOperator):
         self._stopped_by_airflow = False
         self._store: StateStore | None = None
         self._try_deadline: datetime.datetime | None = None
+        self._costing = False
+        self._times_saved: dict[str, tuple[Any, ...]] = {}
 
     @cached_property
     def pod_manager(self) -> PodManager:
-        return WatchedPodManager(kube_client=self.client, callbacks=self.callbacks)
+        manager = WatchedPodManager(kube_client=self.client, callbacks=self.callbacks)
+        manager.observer = self._note_pod
+        return manager
 
     def prepare_run(self, context: Context, approved: Approval) -> None:
         """Fill in the command and labels of this DAG run (also used by ``trainyard render``)."""
@@ -129,6 +150,9 @@ class KubernetesTrainOperator(KubernetesPodOperator):
     # ------------------------------------------------------------------------------ the task's flow
 
     def execute(self, context: Context) -> Any:
+        return self._costed(context, lambda: self._execute(context))
+
+    def _execute(self, context: Context) -> Any:
         self.prepare_run(context, PipelineOperator.approval_to_train(context, self.log))
         while True:
             outcome = self._attempt(context, lambda: super(KubernetesTrainOperator, self).execute(context))
@@ -136,6 +160,9 @@ class KubernetesTrainOperator(KubernetesPodOperator):
                 return outcome
 
     def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
+        return self._costed(context, lambda: self._trigger_reentry(context, event))
+
+    def _trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
         from airflow.sdk.exceptions import AirflowFailException
 
         if event.get(QUEUE_WAIT_KEY):
@@ -205,6 +232,7 @@ class KubernetesTrainOperator(KubernetesPodOperator):
         pods = self._run_pods(context)
         kept = pods.settle(state.pod.uid if state.pod else None)
         if kept is not None:
+            self._note_pod(kept)
             return kept
         pod_request_obj.metadata.annotations = {
             **(pod_request_obj.metadata.annotations or {}),
@@ -212,8 +240,10 @@ class KubernetesTrainOperator(KubernetesPodOperator):
         }
         created = pods.create(pod_request_obj)
         meta = created.metadata
-        state.model_copy(
-            update={"pod": OwnedPod(namespace=meta.namespace, name=meta.name, uid=meta.uid)}
+        owned = OwnedPod(namespace=meta.namespace, name=meta.name, uid=meta.uid)
+        state = state.model_copy(update={"pod": owned})
+        state.with_pod_time(
+            uid=meta.uid, name=meta.name, times={"created_at": _now(), **observed_times(created)}
         ).save(store)
         return created
 
@@ -240,6 +270,8 @@ class KubernetesTrainOperator(KubernetesPodOperator):
         # is classified (and the pod kept or deleted) by its real state.
         remote_pod = self._refreshed(remote_pod)
         self._last_remote_pod = remote_pod
+        if remote_pod is not None:
+            self._note_pod(remote_pod)
         super().cleanup(pod=pod, remote_pod=remote_pod, xcom_result=xcom_result, context=context)
 
     # ------------------------------------------------------------------------------------- helpers
@@ -294,12 +326,15 @@ class KubernetesTrainOperator(KubernetesPodOperator):
             if failure is None:
                 self._stop_run_pods(context)
                 raise
+            self._note_pod_end(context, self._ended_pod(event), failure)
             return self._after_failure(context, failure, cause=exc)
         except BaseException:
             self._stop_run_pods(context)  # timeouts and kills: the pod never outlives its task
             raise
         if self._stopped_by_airflow:
             raise AirflowException(_STOPPED)
+        if self._last_remote_pod is not None:
+            self._note_pod(self._last_remote_pod, end="succeeded")
         self._publish_queue_waits(context)
         return outcome
 
@@ -386,13 +421,173 @@ class KubernetesTrainOperator(KubernetesPodOperator):
         except Exception:  # the wait is in the XCom and the log; the MLflow run only lacks the tags
             self.log.warning("Could not record the queue wait on the MLflow run", exc_info=True)
 
+    # ------------------------------------------------------------------------------- GPU cost
+
+    def _note_pod(
+        self, pod: Any, *, end: PodEnd | None = None, checkpoint_step: int | None = None, ended: bool = False
+    ) -> None:
+        """Keep what a read of one of the run's pods says of its times (and, at its end, how it ended).
+
+        Pods are read every few seconds: the state is written only when something new was seen.
+        ``ended``: the pod is over, and without a reported end it ended now (when the task saw it).
+        """
+        store = self._store
+        meta = pod.get("metadata") if isinstance(pod, dict) else getattr(pod, "metadata", None)
+        name = (meta or {}).get("name") if isinstance(meta, dict) else getattr(meta, "name", None)
+        uid = None if isinstance(meta, dict) else getattr(meta, "uid", None)
+        if store is None or name is None:
+            return
+        times = observed_times(pod, self.base_container_name)
+        key = (uid or name, tuple(sorted(times.items())), end, checkpoint_step, ended)
+        if self._times_saved.get(uid or name) == key:
+            return
+        state = RunState.load(store)
+        known = state.pod_time(uid=uid, name=name)
+        if uid is None:
+            if known is None:
+                return  # a pod this run never recorded creating
+            uid = known.uid
+        if end == "stopped" and known is not None and known.end is not None:
+            end = None  # deleted after its end was known: that end stands
+        update: dict[str, Any] = {}
+        if end is not None:
+            update["end"] = end
+        if checkpoint_step is not None:
+            update["checkpoint_step"] = checkpoint_step
+        new = state.with_pod_time(uid=uid, name=name, times=times, **update)
+        record = new.pod_time(uid=uid)
+        assert record is not None
+        if ended and record.started_at is None and end in ("disrupted", "failed"):
+            started = self._started_from_events(name)
+            if started is not None:
+                new = new.with_pod_time(uid=uid, name=name, started_at=started)
+        if ended and record.ended_at is None:
+            new = new.with_pod_time(uid=uid, name=name, ended_at=_now())
+        if new != state:
+            new.save(store)
+        self._times_saved[uid or name] = key
+
+    def _ended_pod(self, event: dict[str, Any] | None) -> Any:
+        """The best read of the pod that just ended: its last state, or the last seen of a gone pod."""
+        if self._last_remote_pod is not None:
+            if self._pod_gone and self.pod_manager.last_seen is not None:
+                return self.pod_manager.last_seen
+            return self._last_remote_pod
+        if event is not None:
+            return event.get(LAST_SEEN_KEY) or {"metadata": {"name": event.get("name")}}
+        return None
+
+    def _note_pod_end(self, context: Context, pod: Any, failure: PodFailure) -> None:
+        """A pod ended badly: keep its end; after a disruption also the step the trainer saved at."""
+        if pod is None:
+            return
+        end: PodEnd = "disrupted" if failure.is_disruption else "failed"
+        saved = self._checkpoint_step(context) if failure.is_disruption else None
+        self._note_pod(pod, end=end, checkpoint_step=saved, ended=True)
+
+    def _started_from_events(self, name: str) -> datetime.datetime | None:
+        """When a pod that is gone started its container: its kubelet's "Started" event (best effort)."""
+        try:
+            events = self.client.list_namespaced_event(
+                self.namespace, field_selector=f"involvedObject.name={name}"
+            ).items
+        except Exception:
+            self.log.warning("Could not read the events of pod %s", name, exc_info=True)
+            return None
+        stamps = [
+            e.first_timestamp or e.event_time or e.metadata.creation_timestamp
+            for e in events
+            if e.reason == "Started"
+        ]
+        stamps = [s for s in stamps if isinstance(s, datetime.datetime)]
+        return min(stamps) if stamps else None
+
+    def _mlflow_run(self, context: Context) -> tuple[Any, Any]:
+        """(client, this DAG run's MLflow run or None)."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.pipeline.environment.mlflow.tracking_uri)
+        run = find_training_run(
+            client,
+            self.pipeline.experiment_name,
+            pipeline=self.pipeline.name,
+            environment=self.pipeline.environment.name,
+            dag_run_id=context["dag_run"].run_id,
+        )
+        return client, run
+
+    def _checkpoint_step(self, context: Context) -> int | None:
+        """The step the trainer tagged as saved when its pod stopped (absent after a hard kill)."""
+        try:
+            _, run = self._mlflow_run(context)
+        except Exception:
+            self.log.warning("Could not read the checkpoint step from MLflow", exc_info=True)
+            return None
+        value = run.data.tags.get(TAG_CHECKPOINT_STEP) if run is not None else None
+        return int(value) if value and value.isdigit() else None
+
+    def _costed(self, context: Context, body: Any) -> Any:
+        """Run ``body``; when the task ends (not when it defers), record the run's cost."""
+        from airflow.sdk.exceptions import AirflowSkipException, TaskDeferred
+
+        if self._costing:
+            return body()  # a relaunch from trigger_reentry: the outer call records it
+        self._costing = True
+        try:
+            outcome = body()
+        except (TaskDeferred, AirflowSkipException):
+            raise
+        except BaseException:
+            self._publish_cost(context)
+            raise
+        finally:
+            self._costing = False
+        self._publish_cost(context)
+        return outcome
+
+    def _publish_cost(self, context: Context) -> None:
+        """The run's GPU cost as XCom ``cost`` and on its MLflow run; never fails the task."""
+        try:
+            state = RunState.load(self._state_store(context))
+            if not state.pods:
+                return  # no pod was created: nothing was queued or ran
+            env, resources = self.pipeline.environment, self.pipeline.config.resources
+            client = run = history = resumed = None
+            try:
+                client, run = self._mlflow_run(context)
+                if run is not None:
+                    history, resumed = progress_of(client, run)
+            except Exception:
+                self.log.warning("Could not read the MLflow run for its cost", exc_info=True)
+            cost = run_cost(
+                state.pods,
+                gpus=resources.gpus,
+                gpu_type=resources.gpu_type,
+                price_per_gpu_hour=env.price_per_gpu_hour(resources.gpu_type),
+                currency=env.currency,
+                now=_now(),
+                queue_waits={w.pod: w.seconds for w in state.queue_waits},
+                history=history,
+                last_resumed_from=resumed,
+            )
+            context["ti"].xcom_push(key=XCOM_KEY, value=cost.model_dump(mode="json"))
+            self.log.info("%s", cost_line(cost))
+            if client is not None and run is not None:
+                log_cost(client, run.info.run_id, cost)
+            elif client is not None:
+                self.log.warning("No MLflow run of this DAG run: its cost is only in the XCom")
+        except Exception:
+            self.log.warning("Could not record the cost of this run", exc_info=True)
+
     def _run_pods(self, context: Context) -> RunPods:
         labels = pod_labels(self.pipeline, context["dag_run"].run_id)
+        self._state_store(context)
         return RunPods(
             client=self.client,
             namespace=self.namespace,
             selector=",".join(f"{k}={v}" for k, v in sorted(labels.items())),
             grace_seconds=int(self.termination_grace_period or 30),
+            on_removed=lambda pod: self._note_pod(pod, end="stopped", ended=True),
         )
 
     def _stop_run_pods(self, context: Context) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from pydantic import Field, ValidationError
 
 from trainer.spec import StrictModel
+from trainyard.cost import PodTime, merge_times
 from trainyard.train.queue_wait import QueueWaitRecord
 
 STATE_KEY = "trainyard.train"
@@ -59,11 +60,34 @@ class RunState(StrictModel):
     queue_waits: list[QueueWaitRecord] = Field(
         default_factory=list, description="Each pod's wait for Kueue admission, in order."
     )
+    pods: list[PodTime] = Field(
+        default_factory=list, description="Every pod of the run, in order, with its times (trainyard.cost)."
+    )
 
     def with_wait(self, record: QueueWaitRecord) -> RunState:
         """This state with one more wait (a re-read of the same pod's wait replaces it)."""
         kept = [w for w in self.queue_waits if w.pod != record.pod]
         return self.model_copy(update={"queue_waits": [*kept, record]})
+
+    def pod_time(self, *, uid: str | None = None, name: str | None = None) -> PodTime | None:
+        """The record of one pod, by UID (or by name, when only that was seen)."""
+        return next((p for p in self.pods if (uid and p.uid == uid) or (not uid and p.pod == name)), None)
+
+    def with_pod_time(
+        self,
+        *,
+        uid: str,
+        name: str,
+        times: dict[str, datetime] | None = None,
+        **update: Any,
+    ) -> RunState:
+        """This state with what was seen of one pod merged into its record (a new pod is appended)."""
+        known = self.pod_time(uid=uid)
+        record = known or PodTime(pod=name, uid=uid)
+        record = merge_times(record, times or {})
+        record = record.model_copy(update=update) if update else record
+        pods = [record if p.uid == uid else p for p in self.pods] if known else [*self.pods, record]
+        return self.model_copy(update={"pods": pods})
 
     @classmethod
     def load(cls, store: StateStore) -> RunState:
