@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("prepare-demo", help="write the demo tweets and base model under the local roots")
     demo.add_argument("--env", default=None)
     demo.set_defaults(func=cmd_prepare_demo)
+
+    from trainyard.cli import mlflow_access
+
+    mlflow_access.register(sub, emit)
     return parser
 
 
