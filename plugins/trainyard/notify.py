@@ -102,7 +102,7 @@ class Event:
         if self.kind not in NOTIFICATION_EVENTS:
             raise ValueError(f"unknown event kind '{self.kind}'; one of {', '.join(NOTIFICATION_EVENTS)}")
         object.__setattr__(self, "headline", one_line(self.headline, limit=500))
-        object.__setattr__(self, "links", MappingProxyType(dict(self.links)))
+        object.__setattr__(self, "links", dict(self.links))  # a copy: the caller's may change
 
     @property
     def subject(self) -> str:

@@ -350,3 +350,4 @@ def test_a_failed_run_mails_its_cause(smtp, tmp_path, airflow_db):
     assert "min_rows [train]" in mail.body, "the full report is in the details"
     assert f"/dags/{name}/runs/" in mail.body, "a link to the Airflow run"
     assert "Starting trainer" not in output
+    assert "Notification 'run_failed' sent by email to ml-platform@example.com" in output, "in the task log"
