@@ -89,8 +89,20 @@ STAGE_SETUP, STAGE_TRAINING, STAGE_EVALUATION, STAGE_MODEL_LOGGING, STAGE_FINISH
     "model logging",
     "finishing",
 )
-STAGES = (STAGE_SETUP, STAGE_TRAINING, STAGE_EVALUATION, STAGE_MODEL_LOGGING, STAGE_FINISHING)
-STAGES_AFTER_TRAINING = frozenset({STAGE_EVALUATION, STAGE_MODEL_LOGGING, STAGE_FINISHING})
+#: Scoring the champion on this run's validation split (only when the spec names one); a champion
+#: that cannot be scored does not fail the run, so a failure here is the tracking server's.
+STAGE_CHAMPION_EVALUATION = "champion evaluation"
+STAGES = (
+    STAGE_SETUP,
+    STAGE_TRAINING,
+    STAGE_EVALUATION,
+    STAGE_CHAMPION_EVALUATION,
+    STAGE_MODEL_LOGGING,
+    STAGE_FINISHING,
+)
+STAGES_AFTER_TRAINING = frozenset(
+    {STAGE_EVALUATION, STAGE_CHAMPION_EVALUATION, STAGE_MODEL_LOGGING, STAGE_FINISHING}
+)
 
 
 class StrictModel(BaseModel):

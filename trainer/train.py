@@ -3,8 +3,8 @@ list of steps, and each step is a function below it, in the order they run.
 
     spec (``__main__`` loads it) -> stage and verify the data -> training plan -> checkpoint and base
     model -> model and tokenizer -> tokenize -> HF Trainer -> MLflow run (``tracking.mlflow_run``):
-    inputs, train (resume, or skip when already complete), evaluate, log the model -> remove the
-    checkpoints -> result
+    inputs, train (resume, or skip when already complete), evaluate, score the champion on the same
+    split, per-class metrics and confusion matrices, log the model -> remove the checkpoints -> result
 
 Work done is never lost to a failure after training: the final weights are a checkpoint before
 evaluation and logging start, and a relaunch that finds that checkpoint skips training and repeats
@@ -41,7 +41,15 @@ from trainer.data import load_splits, tokenize
 from trainer.errors import TrainerInputError
 from trainer.preemption import Preemption
 from trainer.runtime import Processes, configure_libraries, resolve_precision
-from trainer.spec import EVAL_METRICS, STAGE_EVALUATION, STAGE_MODEL_LOGGING, STAGE_TRAINING, RunSpec
+from trainer.scoring import ChampionScore, Predictions, candidate_predictions, log_evaluation, score_champion
+from trainer.spec import (
+    EVAL_METRICS,
+    STAGE_CHAMPION_EVALUATION,
+    STAGE_EVALUATION,
+    STAGE_MODEL_LOGGING,
+    STAGE_TRAINING,
+    RunSpec,
+)
 from trainer.storage import is_s3, storage_options
 from trainer.tracking import MlflowMetricsCallback, Tracker, run_params
 
@@ -110,14 +118,26 @@ def run(spec: RunSpec, preemption: Preemption) -> dict[str, Any] | None:
         trained = train_unless_complete(trainer, spec, plan, start, tracker=tracker, preemption=preemption)
         mlflow_run.trained_step = trained.global_step
         mlflow_run.stage = STAGE_EVALUATION
-        eval_metrics = evaluate(trainer, tracker, trained.global_step)
+        candidate = evaluate(trainer, tracker, trained.global_step)
+        if spec.champion is not None:
+            mlflow_run.stage = STAGE_CHAMPION_EVALUATION
+        champion = evaluate_champion(spec, plan, trainer, data)
+        champion_entry = log_evaluation(tracker, spec, candidate, champion, trained.global_step)
         mlflow_run.stage = STAGE_MODEL_LOGGING
         model_uri = log_model(tracker, trainer, tokenizer, data, max_length)
 
     remove_checkpoints(spec, plan, preemption)
     if not processes.is_main:
         return None
-    return result(plan, start, trained, eval_metrics, mlflow_run_id=mlflow_run.run_id, model_uri=model_uri)
+    return result(
+        plan,
+        start,
+        trained,
+        candidate.metrics,
+        mlflow_run_id=mlflow_run.run_id,
+        model_uri=model_uri,
+        champion=champion_entry,
+    )
 
 
 def load_data(spec: RunSpec):
@@ -300,13 +320,33 @@ def train_unless_complete(
     return Trained(outcome.global_step, metrics)
 
 
-def evaluate(trainer, tracker: Tracker, global_step: int) -> dict[str, float]:
+def evaluate(trainer, tracker: Tracker, global_step: int) -> Predictions:
     """Once, on the validation split (``eval_strategy="no"`` while training): the metrics that
-    promotion compares, logged at the final step."""
-    eval_metrics = trainer.evaluate()
-    tracker.log_metrics(eval_metrics, step=global_step)
-    logger.info("Evaluation: %s", ", ".join(f"{k} {eval_metrics[k]:.4f}" for k in EVAL_METRICS))
-    return eval_metrics
+    promotion compares, logged at the final step, and the predictions the per-class numbers and
+    the confusion matrix are made of (``predict`` is ``evaluate`` that also returns them)."""
+    candidate = candidate_predictions(trainer.predict(trainer.eval_dataset, metric_key_prefix="eval"))
+    tracker.log_metrics(candidate.metrics, step=global_step)
+    logger.info("Evaluation: %s", ", ".join(f"{k} {candidate.metrics[k]:.4f}" for k in EVAL_METRICS))
+    return candidate
+
+
+def evaluate_champion(spec: RunSpec, plan: Plan, trainer, data) -> ChampionScore | None:
+    """The champion the spec names, scored on the same validation split by rank 0 with the same
+    ``compute_metrics``, batch size, device and precision (``trainer.scoring``); None without one.
+    Done on every attempt, a relaunch after complete training too: it is read-only but for the run."""
+    if spec.champion is None or not plan.processes.is_main:
+        return None
+    logger.info(
+        "Scoring champion %s v%s (%s)", spec.champion.name, spec.champion.version, spec.champion.model_uri
+    )
+    return score_champion(
+        spec,
+        data["validation"],
+        trainer.compute_metrics,
+        batch_size=plan.args.per_device_eval_batch_size,
+        device=plan.args.device,
+        precision=plan.precision,
+    )
 
 
 def log_model(tracker: Tracker, trainer, tokenizer, data, max_length: int) -> str | None:
@@ -332,12 +372,18 @@ def result(
     *,
     mlflow_run_id: str | None,
     model_uri: str | None,
+    champion: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """The ``trainyard_result`` line ``__main__`` prints: what the Airflow side reads back."""
+    """The ``trainyard_result`` line ``__main__`` prints: what the Airflow side reads back.
+
+    ``champion`` is None without one in the spec, else ``{"version", "metrics"}`` (the champion's
+    scores on this validation split under the ``metrics`` names) or ``{"version", "unscorable"}``.
+    """
     return {
         "mlflow_run_id": mlflow_run_id,
         "model_uri": model_uri,
         "metrics": {k: float(eval_metrics[k]) for k in EVAL_METRICS},
+        "champion": champion,
         "resumed_from_step": start.step,
         "global_step": trained.global_step,
         "precision": plan.precision,
