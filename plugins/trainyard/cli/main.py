@@ -1,4 +1,4 @@
-"""``trainyard``: lint pipelines, prepare the demo, summarise the latest run.
+"""``trainyard``: lint pipelines, prepare the demo, summarise the latest run, report training costs.
 
 Machine-readable output goes to stdout; logs go to stderr.
 """
@@ -132,6 +132,30 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from trainyard.cli.report import ReportError, build_report, parse_time, render_table
+
+    try:
+        since = parse_time("--since", args.since)
+        until = parse_time("--until", args.until, end_of_day=True) if args.until else None
+        if until is not None and until <= since:
+            raise ReportError(f"--until {args.until!r} is not after --since {args.since!r}")
+    except ReportError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    from mlflow.tracking import MlflowClient
+
+    env = load_environment(args.env)
+    client = MlflowClient(tracking_uri=env.mlflow.tracking_uri)
+    try:
+        report = build_report(client, env, since, until, args.team, args.pipeline)
+    except ReportError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    emit(json.dumps(report, indent=2) if args.format == "json" else render_table(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainyard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--env", default=None, help="a kubernetes environment, e.g. dev or prod")
     render.add_argument("--conf", default=None, help="trigger conf as JSON, validated like a real trigger")
     render.set_defaults(func=cmd_render)
+
+    report = sub.add_parser("report", help="GPU time and cost of training runs, per team and pipeline")
+    report.add_argument("--env", default=None, help="environment (default: $TRAINYARD_ENV or local)")
+    report.add_argument("--since", required=True, help="runs started on or after this date (YYYY-MM-DD)")
+    report.add_argument("--until", default=None, help="runs started up to this date, inclusive (YYYY-MM-DD)")
+    report.add_argument("--team", default=None)
+    report.add_argument("--pipeline", default=None)
+    report.add_argument("--format", choices=("table", "json"), default="table")
+    report.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("prepare-demo", help="write the demo tweets and base model under the local roots")
     demo.add_argument("--env", default=None)
