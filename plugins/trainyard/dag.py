@@ -25,7 +25,13 @@ from trainyard.config.parse_cache import ParseCache, default_cache_dir
 from trainyard.handoff import PROMOTE_TASK, TRAIN_TASK, VALIDATE_TASK
 from trainyard.loader_files import Shard, shard_of_loader
 from trainyard.notify import run_failed_callback
-from trainyard.promote.operator import PromoteOperator
+from trainyard.promote.operator import (
+    APPROVE_TASK,
+    MOVE_ALIAS_TASK,
+    ApproveOperator,
+    MoveAliasOperator,
+    PromoteOperator,
+)
 from trainyard.train.local import LocalTrainOperator
 from trainyard.validate.operator import ValidateDataOperator
 from trainyard.validate.trigger_conf import PARAM_SCHEMA_DIALECT, param_schemas
@@ -117,7 +123,7 @@ def build_dag(pipeline: ResolvedPipeline) -> DAG:
         dag = DAG(
             dag_id=cfg.name,
             description=(cfg.description or f"Trainyard pipeline {cfg.name}")[:200],
-            schedule=pipeline.schedule,
+            schedule=schedule(pipeline),
             start_date=START_DATE,
             catchup=False,
             max_active_runs=1,
@@ -143,12 +149,31 @@ def build_dag(pipeline: ResolvedPipeline) -> DAG:
         train = _train_operator(pipeline)
         promote = PromoteOperator(task_id=PROMOTE_TASK, pipeline=pipeline)
         validate >> train >> promote
+        policy = cfg.promotion.approval
+        if policy is not None and policy.required:
+            approve = ApproveOperator(task_id=APPROVE_TASK, pipeline=pipeline)
+            promote >> approve >> MoveAliasOperator(task_id=MOVE_ALIAS_TASK, pipeline=pipeline)
     # Set after the tasks exist: Airflow deep-copies a DAG's params into each operator once per
     # __init__ in its class hierarchy (seven copies here), which tasks never need, because the task
     # runner merges dag.params into the context itself (airflow.sdk.definitions.param.process_params).
     # Assigning them runs the same conversion and validation as the constructor, once.
     dag.params = params
     return dag
+
+
+def schedule(pipeline: ResolvedPipeline) -> Any:
+    """The DAG's schedule: the cron, and with ``on_dataset_update`` an asset event for any of the
+    dataset's locations (from a producer DAG's outlet or ``POST /api/v2/assets/events``)."""
+    if not pipeline.on_dataset_update:
+        return pipeline.schedule
+    from airflow.sdk import Asset, AssetAny, AssetOrTimeSchedule, CronTriggerTimetable
+
+    assets = AssetAny(*(Asset(uri) for uri in pipeline.dataset_uris))
+    if pipeline.schedule is None:
+        return assets
+    return AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(pipeline.schedule, timezone="UTC"), assets=assets
+    )
 
 
 def _train_operator(pipeline: ResolvedPipeline) -> BaseOperator:

@@ -63,7 +63,9 @@ def test_schedule_and_retries_come_from_yaml(monkeypatch):
 def test_params_are_generated_from_the_overridable_fields(monkeypatch):
     monkeypatch.setenv("TRAINYARD_ENV", "prod")
     params = _dagbag().dags["tweet-sentiment"].params
-    assert set(params.keys()) == {"epochs", "learning_rate", "batch_size", "max_steps"}
+    assert set(params.keys()) == {"force_retrain", "epochs", "learning_rate", "batch_size", "max_steps"}
+    assert params.get_param("force_retrain").schema["type"] == "boolean", "the trigger form shows a switch"
+    assert params.get_param("force_retrain").value is False
     assert params.get_param("epochs").value == 3, "default is the value in this environment"
     assert params.get_param("epochs").schema == {
         "$schema": "http://json-schema.org/draft-07/schema#",  # a cheap metaschema to check against
@@ -80,7 +82,13 @@ def test_params_are_generated_from_the_overridable_fields(monkeypatch):
     dag = _dagbag().dags["tweet-sentiment"]
     for task in dag.tasks:  # what a running task sees: the DAG's params, then the conf
         resolved = process_params(dag, task, {"epochs": 2}, suppress_exception=False)
-        assert resolved == {"epochs": 2, "learning_rate": 5e-5, "batch_size": 32, "max_steps": None}
+        assert resolved == {
+            "force_retrain": False,
+            "epochs": 2,
+            "learning_rate": 5e-5,
+            "batch_size": 32,
+            "max_steps": None,
+        }
         with pytest.raises(ParamValidationError):
             process_params(dag, task, {"epochs": -1}, suppress_exception=False)
 
@@ -91,7 +99,13 @@ def test_params_survive_serialization_as_the_scheduler_and_api_server_see_them(m
     monkeypatch.setenv("TRAINYARD_ENV", "prod")
     dag = _dagbag().dags["tweet-sentiment"]
     restored = DagSerialization.from_dict(DagSerialization.to_dict(dag))
-    assert set(restored.params.keys()) == {"epochs", "learning_rate", "batch_size", "max_steps"}
+    assert set(restored.params.keys()) == {
+        "force_retrain",
+        "epochs",
+        "learning_rate",
+        "batch_size",
+        "max_steps",
+    }
     assert restored.params.get_param("epochs").schema["maximum"] == 100
 
 

@@ -36,14 +36,46 @@ FULL = Audit(
     dag_run_id="manual__2026-01-02T03:04:05+00:00",
     decided_at=NOW.isoformat(),
     decided_by="airflow:tweet-sentiment/manual__1 triggered by alice",
+    champion_value_source="rescored",
+    champion_recorded_value=0.91,
+    compared_on=FP,
+    champion_unscorable=None,
+    evaluation_uri="runs:/abc/evaluation",
+)
+#: Tags newer than the first audits: a version decided before them still has a readable audit.
+NEWER_TAGS = (
+    "trainyard.champion_value_source",
+    "trainyard.champion_recorded_value",
+    "trainyard.compared_on_fingerprint",
+    "trainyard.champion_unscorable",
+    "trainyard.evaluation",
 )
 #: The first model ever, and a rejection: every optional field empty.
 EMPTY = dataclasses.replace(
-    FULL, promoted=False, champion_version=None, champion_value=None, champion_fingerprint=None
+    FULL,
+    promoted=False,
+    champion_version=None,
+    champion_value=None,
+    champion_fingerprint=None,
+    champion_value_source=None,
+    champion_recorded_value=None,
+    compared_on=None,
+    evaluation_uri=None,
+)
+#: The rule said "better" and a person is asked; the champion could not be scored on this data.
+AWAITING = dataclasses.replace(
+    FULL,
+    promoted=False,
+    awaiting_approval=True,
+    champion_value_source="recorded",
+    compared_on=None,
+    champion_unscorable="champion v3 predicts labels [a, b, c], this run's labels are [neg, pos]",
 )
 
 
-@pytest.mark.parametrize("audit", [FULL, EMPTY], ids=["every field set", "no champion"])
+@pytest.mark.parametrize(
+    "audit", [FULL, EMPTY, AWAITING], ids=["every field set", "no champion", "awaiting approval"]
+)
 def test_every_tag_written_is_read_back_equal(audit):
     tags = audit.to_tags()
 
@@ -71,7 +103,7 @@ def test_a_version_never_decided_has_no_audit():
 )
 def test_a_partial_audit_reads_as_none_except_for_optional_tags(missing):
     tags = {k: v for k, v in FULL.to_tags().items() if k != missing}
-    optional = missing in (TAG_CHAMPION_FINGERPRINT, "trainyard.dataset_fingerprint")
+    optional = missing in (TAG_CHAMPION_FINGERPRINT, "trainyard.dataset_fingerprint", *NEWER_TAGS)
     assert (Audit.from_tags(tags) is not None) is optional
 
 

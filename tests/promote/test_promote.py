@@ -49,7 +49,7 @@ def test_worse_model_leaves_alias_and_records_why(make_env):
     assert tags["trainyard.decision"] == "rejected"
     assert (
         tags["trainyard.reason"] == "eval_f1_macro 0.84 is worse than champion v1 (0.85); "
-        "higher is better and a tie keeps the champion"
+        "higher is better and a tie keeps the champion, both scored on this run's validation data"
     )
     assert tags["trainyard.champion_version"] == "1" and tags["trainyard.champion_value"] == "0.85"
     assert env.client.get_model_version(env.model_name, "2").description.startswith("Not promoted")
@@ -65,31 +65,95 @@ def test_better_model_moves_alias_and_supersedes(make_env):
     d = env.promote("r2")
 
     assert d.promoted and d.version == "2"
-    assert d.reason == "eval_f1_macro 0.861 beats champion v1 (0.85) by 0.011 >= required 0.002"
+    assert d.reason == (
+        "eval_f1_macro 0.861 beats champion v1 (0.85) by 0.011 >= required 0.002, "
+        "both scored on this run's validation data"
+    )
     assert env.champion() == "2"
     assert env.tags("1")["trainyard.superseded_by"] == "2"
     assert env.tags("1")["trainyard.superseded_at"] == "2026-01-02T03:04:05+00:00"
     assert env.tags("2")["trainyard.decision"] == "promoted"
 
 
-def test_a_champion_from_another_dataset_is_noted_in_the_audit(make_env):
+def test_the_champion_rescored_on_the_new_data_decides_not_its_recorded_metric(make_env):
+    """The champion looked better on its own (easier) validation set than it does on the new one."""
+    env = make_env(min_improvement=0.0)
+    env.log_run("r1", {"eval_f1_macro": 0.90})
+    env.promote("r1")
+    env.log_run("r2", {"eval_f1_macro": 0.82}, fingerprint=OTHER_FP, champion_scores={"eval_f1_macro": 0.78})
+
+    d = env.promote("r2", approved_fingerprint=OTHER_FP)
+
+    assert d.promoted, d.reason  # 0.82 < 0.90 recorded, but 0.82 > 0.78 on the same data
+    assert d.champion_value == pytest.approx(0.78) and d.champion_recorded_value == pytest.approx(0.90)
+    assert d.champion_value_source == "rescored" and d.compared_on == OTHER_FP
+    assert "both scored on this run's validation data" in d.reason
+    tags = env.tags("2")
+    assert tags["trainyard.champion_value"] == "0.78" and tags["trainyard.champion_recorded_value"] == "0.9"
+    assert tags["trainyard.compared_on_fingerprint"] == OTHER_FP
+    assert tags["trainyard.champion_value_source"] == "rescored"
+    assert tags["trainyard.champion_dataset_fingerprint"] == FP
+    assert env.champion() == "2"
+
+    again = env.promote("r2", approved_fingerprint=OTHER_FP)  # a retry after the alias moved keeps the audit
+
+    assert again.champion_value_source == "rescored" and again.champion_recorded_value == pytest.approx(0.90)
+
+
+def test_a_candidate_that_beats_only_the_recorded_metric_is_rejected(make_env):
     env = make_env(min_improvement=0.0)
     env.log_run("r1", {"eval_f1_macro": 0.80})
     env.promote("r1")
-    other = "sha256:" + "e" * 64
-    env.log_run("r2", {"eval_f1_macro": 0.82}, fingerprint=other)
+    env.log_run("r2", {"eval_f1_macro": 0.85}, fingerprint=OTHER_FP, champion_scores={"eval_f1_macro": 0.88})
 
-    d = env.promote("r2", approved_fingerprint=other)
+    d = env.promote("r2", approved_fingerprint=OTHER_FP)
 
-    assert d.promoted and d.champion_fingerprint == FP
-    assert "the champion was evaluated on another dataset" in d.reason
-    assert env.tags("2")["trainyard.champion_dataset_fingerprint"] == FP
-    assert env.tags("1")["trainyard.champion_dataset_fingerprint"] == "none"
+    assert not d.promoted and "is worse than champion v1 (0.88)" in d.reason
+    assert env.champion() == "1"
 
-    again = env.promote("r2", approved_fingerprint=other)  # a retry after the alias moved keeps the audit
 
-    assert again.champion_fingerprint == FP
-    assert env.tags("2")["trainyard.champion_dataset_fingerprint"] == FP
+def test_an_unscorable_champion_rejects_by_default_and_says_why(make_env):
+    env = make_env()
+    env.log_run("r1", {"eval_f1_macro": 0.70})
+    env.promote("r1")
+    why = "champion v1 predicts labels [a, b, c], this run's labels are [negative, positive]"
+    env.log_run("r2", {"eval_f1_macro": 0.95}, champion_scores=None, unscorable=why)
+
+    d = env.promote("r2")
+
+    assert not d.promoted and env.champion() == "1"
+    assert why in d.reason and "if_champion_unscorable is 'reject'" in d.reason
+    assert env.tags("2")["trainyard.champion_unscorable"] == why
+    assert env.tags("2")["trainyard.champion_value_source"] == "none"
+
+
+def test_an_unscorable_champion_is_compared_as_recorded_when_the_pipeline_says_so(make_env):
+    env = make_env(if_champion_unscorable="compare_recorded")
+    env.log_run("r1", {"eval_f1_macro": 0.70})
+    env.promote("r1")
+    env.log_run("r2", {"eval_f1_macro": 0.75}, champion_scores=None, unscorable="its model artifact is gone")
+
+    d = env.promote("r2")
+
+    assert d.promoted and d.champion_value_source == "recorded" and d.champion_value == pytest.approx(0.70)
+    assert "compared with the champion's recorded eval_f1_macro" in d.reason
+    assert "its model artifact is gone" in d.reason
+
+
+def test_a_score_of_another_version_than_the_alias_holder_is_not_used(make_env):
+    env = make_env()
+    env.log_run("r1", {"eval_f1_macro": 0.70})
+    env.promote("r1")
+    env.log_run("r2", {"eval_f1_macro": 0.80})
+    env.promote("r2")  # v2 takes the alias after r3 was launched against v1
+    run_id = env.log_run("r3", {"eval_f1_macro": 0.85}, champion_scores=None)
+    env.client.set_tag(run_id, "trainyard.champion.version", "1")
+    env.client.log_metric(run_id, "champion_eval_f1_macro", 0.70)
+
+    d = env.promote("r3")
+
+    assert not d.promoted
+    assert "the trainer scored v1, but v2 has held the alias since the run was launched" in d.reason
 
 
 def test_below_must_reach_rejected(make_env):
@@ -205,7 +269,7 @@ def test_retry_finishes_superseded_tag_after_crash(make_env):
 
 
 def test_champion_without_metric_replaced_only_past_must_reach(make_env):
-    env = make_env(metric="eval_f1_macro", must_reach=0.7)
+    env = make_env(metric="eval_f1_macro", must_reach=0.7, if_champion_unscorable="compare_recorded")
     env.log_run("r1", {"eval_f1_macro": 0.9})
     env.promote("r1")
     # Simulate a champion whose run lacks the metric (e.g. registered by hand from another run).

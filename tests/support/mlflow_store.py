@@ -94,8 +94,34 @@ class Env:
         status: str = "FINISHED",
         model_uri_tag: bool = True,
         environment: str | None = None,
+        champion_scores: dict[str, float] | None | str = "same data",
+        unscorable: str | None = None,
     ) -> str:
+        """A FINISHED (or ``status``) candidate run with ``metrics`` and a model.
+
+        ``champion_scores`` are the trainer's re-score of the current champion on this run's data:
+        by default the champion's own recorded metrics (the validation data did not change), a dict
+        to say what the champion scored here, None for a run that scored no champion (then
+        ``unscorable`` may say why).
+        """
         import mlflow
+
+        champion_tags: dict[str, str] = {}
+        holder = self.champion()
+        if champion_scores == "same data":
+            champion_scores = None
+            if holder is not None:
+                champion_run = self.client.get_model_version(self.model_name, holder).run_id
+                champion_scores = {
+                    k: v
+                    for k, v in self.client.get_run(champion_run).data.metrics.items()
+                    if k.startswith("eval_")
+                }
+        if champion_scores is not None and holder is not None:
+            champion_tags["trainyard.champion.version"] = holder
+            metrics = {**metrics, **{f"champion_{k}": v for k, v in champion_scores.items()}}
+        if unscorable is not None:
+            champion_tags["trainyard.champion.unscorable"] = unscorable
 
         tags = {
             "trainyard.pipeline": self.pipeline.name,
@@ -106,6 +132,7 @@ class Env:
         }
         if fingerprint is not None:
             tags["trainyard.dataset_fingerprint"] = fingerprint
+        tags.update(champion_tags)
         with mlflow.start_run(experiment_id=self.experiment_id, tags=tags) as run:
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=tiny_model(), pip_requirements=["mlflow"]

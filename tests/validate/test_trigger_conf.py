@@ -47,7 +47,7 @@ def test_undeclared_keys_are_refused_listing_the_allowed_ones(pipeline, conf, fr
         validate_conf(pipeline, conf)
     message = str(info.value)
     assert fragment in message
-    assert "Allowed keys: epochs, learning_rate, batch_size, max_steps." in message
+    assert "Allowed keys: epochs, learning_rate, batch_size, max_steps, force_retrain." in message
 
 
 @pytest.mark.parametrize(
@@ -68,7 +68,7 @@ def test_out_of_range_or_wrong_type_is_refused(pipeline, conf, fragment):
 
 def test_param_schemas_carry_types_bounds_and_defaults(pipeline):
     schemas = param_schemas(pipeline)
-    assert list(schemas) == ["epochs", "learning_rate", "batch_size", "max_steps"]
+    assert list(schemas) == ["force_retrain", "epochs", "learning_rate", "batch_size", "max_steps"]
     assert schemas["epochs"]["default"] == 3
     assert schemas["batch_size"] == {
         "type": "integer",
@@ -78,3 +78,15 @@ def test_param_schemas_carry_types_bounds_and_defaults(pipeline):
         "default": 32,
     }
     assert schemas["max_steps"]["type"] == ["integer", "null"]
+
+
+def test_force_retrain_is_the_one_reserved_key_and_must_be_a_boolean(pipeline):
+    from trainyard.validate.trigger_conf import force_retrain
+
+    assert validate_conf(pipeline, {"force_retrain": True, "epochs": 2}).epochs == 2
+    assert force_retrain(pipeline, {"force_retrain": True}) is True
+    assert force_retrain(pipeline, {}) is False
+    with pytest.raises(ConfRejected, match="'force_retrain' = 'yes': must be true or false"):
+        validate_conf(pipeline, {"force_retrain": "yes"})
+    with pytest.raises(ConfRejected, match="did you mean 'force_retrain'"):
+        validate_conf(pipeline, {"force_retrian": True})

@@ -158,6 +158,18 @@ class ResolvedPipeline:
         return template.format(pipeline=self.name, environment=self.environment.name, team=self.config.team)
 
     @property
+    def dataset_uris(self) -> tuple[str, ...]:
+        """The dataset's locations as Airflow asset URIs (local paths as file:// URIs)."""
+        data = self.data_spec
+        uris = []
+        for location in dict.fromkeys((data.train_uri, data.validation_uri)):
+            if location.startswith("file://") or "://" in location:
+                uris.append(location)
+            else:
+                uris.append(Path(location).absolute().as_uri())
+        return tuple(uris)
+
+    @property
     def experiment_name(self) -> str:
         return self._naming(self.environment.mlflow.experiment_name)
 

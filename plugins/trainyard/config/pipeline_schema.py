@@ -202,6 +202,12 @@ class Schedule(StrictModel):
     def _cron(cls, value: str | None) -> str | None:
         return None if value is None else check_cron(value)
 
+    @model_validator(mode="after")
+    def _combinable(self) -> Schedule:
+        if self.on_dataset_update and self.cron in ("@once", "@continuous"):
+            raise ValueError(f"cron '{self.cron}' cannot be combined with on_dataset_update; use a cron")
+        return self
+
 
 class PipelineNotifications(StrictModel):
     """Who else hears about this pipeline's runs (the environment decides the channels)."""

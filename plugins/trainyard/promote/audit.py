@@ -31,10 +31,22 @@ TAG_DECIDED_AT = "trainyard.decided_at"
 TAG_DECIDED_BY = "trainyard.decided_by"
 TAG_SUPERSEDED_BY = "trainyard.superseded_by"
 TAG_SUPERSEDED_AT = "trainyard.superseded_at"
+TAG_CHAMPION_VALUE_SOURCE = "trainyard.champion_value_source"
+TAG_CHAMPION_RECORDED_VALUE = "trainyard.champion_recorded_value"
+TAG_COMPARED_ON = "trainyard.compared_on_fingerprint"
+TAG_CHAMPION_UNSCORABLE = "trainyard.champion_unscorable"
+TAG_EVALUATION = "trainyard.evaluation"
+TAG_APPROVAL_STATE = "trainyard.approval.state"
+TAG_APPROVAL_BY = "trainyard.approval.by"
+TAG_APPROVAL_AT = "trainyard.approval.at"
+TAG_APPROVAL_COMMENT = "trainyard.approval.comment"
 
 NONE = "none"  # tag value for "no champion" / "no value" (MLflow tag values are strings)
 PROMOTED = "promoted"
 REJECTED = "rejected"
+AWAITING_APPROVAL = "awaiting_approval"
+#: Outcomes of a sign-off, as TAG_APPROVAL_STATE records them.
+APPROVED, APPROVAL_REJECTED, APPROVAL_TIMED_OUT = "approved", "rejected", "timed_out"
 
 #: The tags :meth:`Audit.to_tags` writes on the candidate version, in the order it writes them.
 #: The run's identity tags (pipeline, environment, DAG run, fingerprint) keep the trainer's names.
@@ -55,6 +67,11 @@ AUDIT_TAGS = (
     TAG_RUN_ID,
     TAG_DECIDED_AT,
     TAG_DECIDED_BY,
+    TAG_CHAMPION_VALUE_SOURCE,
+    TAG_CHAMPION_RECORDED_VALUE,
+    TAG_COMPARED_ON,
+    TAG_CHAMPION_UNSCORABLE,
+    TAG_EVALUATION,
 )
 #: The tags :meth:`Superseded.to_tags` writes on the champion a promotion replaced.
 SUPERSEDED_TAGS = (TAG_SUPERSEDED_BY, TAG_SUPERSEDED_AT)
@@ -62,6 +79,10 @@ SUPERSEDED_TAGS = (TAG_SUPERSEDED_BY, TAG_SUPERSEDED_AT)
 
 def _written(value: str | None) -> str:
     return value or NONE
+
+
+def _number(value: float | None) -> str:
+    return NONE if value is None else repr(value)
 
 
 def _read(tags: Mapping[str, str], key: str) -> str | None:
@@ -90,9 +111,17 @@ class Audit:
     dag_run_id: str
     decided_at: str
     decided_by: str
+    champion_value_source: str | None = None
+    champion_recorded_value: float | None = None
+    compared_on: str | None = None
+    champion_unscorable: str | None = None
+    evaluation_uri: str | None = None
+    awaiting_approval: bool = False
 
     @property
     def verdict(self) -> str:
+        if self.awaiting_approval:
+            return AWAITING_APPROVAL
         return PROMOTED if self.promoted else REJECTED
 
     @classmethod
@@ -124,6 +153,12 @@ class Audit:
             dag_run_id=dag_run_id,
             decided_at=decision.decided_at,
             decided_by=decision.decided_by,
+            champion_value_source=decision.champion_value_source,
+            champion_recorded_value=decision.champion_recorded_value,
+            compared_on=decision.compared_on,
+            champion_unscorable=decision.champion_unscorable,
+            evaluation_uri=decision.evaluation_uri,
+            awaiting_approval=decision.awaiting_approval,
         )
 
     def to_tags(self) -> dict[str, str]:
@@ -134,7 +169,7 @@ class Audit:
             TAG_METRIC: self.metric,
             TAG_CANDIDATE_VALUE: repr(self.candidate_value),
             TAG_CHAMPION_VERSION: _written(self.champion_version),
-            TAG_CHAMPION_VALUE: NONE if self.champion_value is None else repr(self.champion_value),
+            TAG_CHAMPION_VALUE: _number(self.champion_value),
             TAG_CHAMPION_FINGERPRINT: _written(self.champion_fingerprint),
             TAG_RULE: self.rule,
             TAG_ALIAS: self.alias,
@@ -145,6 +180,11 @@ class Audit:
             TAG_RUN_ID: self.dag_run_id,
             TAG_DECIDED_AT: self.decided_at,
             TAG_DECIDED_BY: self.decided_by,
+            TAG_CHAMPION_VALUE_SOURCE: _written(self.champion_value_source),
+            TAG_CHAMPION_RECORDED_VALUE: _number(self.champion_recorded_value),
+            TAG_COMPARED_ON: _written(self.compared_on),
+            TAG_CHAMPION_UNSCORABLE: _written(self.champion_unscorable),
+            TAG_EVALUATION: _written(self.evaluation_uri),
         }
 
     @classmethod
@@ -155,10 +195,11 @@ class Audit:
         and the retry decides again and rewrites every tag.
         """
         verdict = tags.get(TAG_DECISION)
-        if verdict not in (PROMOTED, REJECTED):
+        if verdict not in (PROMOTED, REJECTED, AWAITING_APPROVAL):
             return None
         try:
             champion_value = _read(tags, TAG_CHAMPION_VALUE)
+            recorded = _read(tags, TAG_CHAMPION_RECORDED_VALUE)
             return cls(
                 promoted=verdict == PROMOTED,
                 reason=tags[TAG_REASON],
@@ -176,6 +217,12 @@ class Audit:
                 dag_run_id=tags[TAG_RUN_ID],
                 decided_at=tags[TAG_DECIDED_AT],
                 decided_by=tags[TAG_DECIDED_BY],
+                champion_value_source=_read(tags, TAG_CHAMPION_VALUE_SOURCE),
+                champion_recorded_value=None if recorded is None else float(recorded),
+                compared_on=_read(tags, TAG_COMPARED_ON),
+                champion_unscorable=_read(tags, TAG_CHAMPION_UNSCORABLE),
+                evaluation_uri=_read(tags, TAG_EVALUATION),
+                awaiting_approval=verdict == AWAITING_APPROVAL,
             )
         except (KeyError, ValueError):
             return None
@@ -198,12 +245,57 @@ class Superseded:
         return None if by is None or at is None else cls(by=by, at=at)
 
 
+@dataclass(frozen=True)
+class SignOff:
+    """On a candidate that needed approval: what the person (or the clock) answered, and when."""
+
+    state: str  # APPROVED, APPROVAL_REJECTED or APPROVAL_TIMED_OUT
+    by: str | None
+    at: str
+    comment: str | None = None
+
+    def to_tags(self) -> dict[str, str]:
+        return {
+            TAG_APPROVAL_STATE: self.state,
+            TAG_APPROVAL_BY: _written(self.by),
+            TAG_APPROVAL_AT: self.at,
+            TAG_APPROVAL_COMMENT: _written(self.comment)[:5000],
+        }
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str]) -> SignOff | None:
+        state, at = tags.get(TAG_APPROVAL_STATE), tags.get(TAG_APPROVAL_AT)
+        if state is None or at is None:
+            return None
+        return cls(
+            state=state, by=_read(tags, TAG_APPROVAL_BY), at=at, comment=_read(tags, TAG_APPROVAL_COMMENT)
+        )
+
+    def sentence(self) -> str:
+        if self.state == APPROVAL_TIMED_OUT:
+            return f"no one approved it before the approval timed out at {self.at}"
+        verb = "approved" if self.state == APPROVED else "rejected"
+        said = f': "{self.comment}"' if self.comment else ""
+        return f"{verb} by {self.by or 'an unknown user'} at {self.at}{said}"
+
+
 def description(decision: Decision) -> str:
-    """The version's description: the same decision as the tags, as a sentence for people."""
-    verdict = (
-        f"Promoted to '{decision.alias}'" if decision.promoted else f"Not promoted to '{decision.alias}'"
-    )
-    return (
+    """The version's description: the same decision as the tags, as sentences for people, with
+    links to what the decision was made on (the MLflow UI renders it as Markdown)."""
+    if decision.awaiting_approval:
+        verdict = f"Awaiting approval for '{decision.alias}'"
+    elif decision.promoted:
+        verdict = f"Promoted to '{decision.alias}'"
+    else:
+        verdict = f"Not promoted to '{decision.alias}'"
+    text = (
         f"{verdict}: {decision.reason}. Decided {decision.decided_at} by {decision.decided_by} "
         f"(MLflow run {decision.run_id})."
     )
+    links = [f"[the run in MLflow]({decision.run_url})"] if decision.run_url else []
+    if decision.evaluation_uri:
+        links.append(
+            f"per-class metrics and confusion matrices of both models: `{decision.evaluation_uri}` "
+            "(the run's evaluation/ artifacts)"
+        )
+    return text + (" See " + "; ".join(links) + "." if links else "")

@@ -38,6 +38,19 @@ class Decision:
     decided_at: str
     decided_by: str
     champion_fingerprint: str | None = None
+    #: Where ``champion_value`` comes from: "rescored" (the trainer scored the champion on this
+    #: run's validation split), "recorded" (the champion's own run, on its data), None (no champion).
+    champion_value_source: str | None = None
+    champion_recorded_value: float | None = None
+    #: The dataset fingerprint both values were computed on (rescored comparisons only).
+    compared_on: str | None = None
+    champion_unscorable: str | None = None
+    #: Where people look: the candidate run's evaluation artifacts (per-class metrics, confusion
+    #: matrices) and its page in the MLflow UI when the tracking server has one.
+    evaluation_uri: str | None = None
+    run_url: str | None = None
+    #: The rule said "better" but promotion.approval requires a person's sign-off first.
+    awaiting_approval: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe (the ``promote`` task returns it as its XCom)."""
@@ -133,4 +146,57 @@ def decide(
     return True, (
         f"{metric} {_fmt(candidate_value)} {verb} {name} ({_fmt(champion_value)}) by "
         f"{_fmt(gain)} >= required {_fmt(rule.min_improvement)}"
+    )
+
+
+def unscorable_reason(champion_version: str, scored_version: str | None, unscorable: str | None) -> str:
+    """Why the trainer's re-score of the champion cannot be used, as a clause."""
+    if unscorable:
+        return unscorable
+    if scored_version and scored_version != champion_version:
+        return (
+            f"the trainer scored v{scored_version}, but v{champion_version} has held the alias since "
+            "the run was launched"
+        )
+    return f"the trainer did not score champion v{champion_version} on this run's validation data"
+
+
+def decide_against_champion(
+    rule: Promotion,
+    candidate_value: float,
+    *,
+    champion_version: str,
+    rescored_value: float | None,
+    recorded_value: float | None,
+    unscorable: str | None,
+) -> tuple[bool, str, str]:
+    """(promoted, reason, source of the champion's value): like for like when the champion was
+    re-scored on the candidate's data, else as ``rule.if_champion_unscorable`` says."""
+    if rescored_value is not None and math.isfinite(rescored_value):
+        promoted, reason = decide(rule, candidate_value, rescored_value, champion_version=champion_version)
+        return promoted, f"{reason}, both scored on this run's validation data", "rescored"
+    why = unscorable or f"the trainer did not score champion v{champion_version}"
+    if rule.if_champion_unscorable == "reject":
+        return (
+            False,
+            (
+                f"champion v{champion_version} could not be scored on this run's validation data ({why}); "
+                "promotion.if_champion_unscorable is 'reject', so the candidate is not promoted"
+            ),
+            "none",
+        )
+    promoted, reason = decide(
+        rule,
+        candidate_value,
+        recorded_value,
+        champion_version=champion_version,
+        champion_has_metric=recorded_value is not None,
+    )
+    return (
+        promoted,
+        (
+            f"{reason} (compared with the champion's recorded {rule.metric}, measured on its own data: "
+            f"{why}; promotion.if_champion_unscorable is 'compare_recorded')"
+        ),
+        "recorded",
     )

@@ -22,13 +22,26 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from trainer.spec import TAG_FINGERPRINT
+from trainer.spec import (
+    CHAMPION_METRIC_PREFIX,
+    EVALUATION_ARTIFACT_DIR,
+    TAG_CHAMPION_SCORED_VERSION,
+    TAG_CHAMPION_UNSCORABLE,
+    TAG_FINGERPRINT,
+)
 from trainyard.promote import registry
 from trainyard.promote.audit import NONE, Audit, Superseded, description
-from trainyard.promote.decision import Decision, PromotionRefused, decide
+from trainyard.promote.decision import (
+    Decision,
+    PromotionRefused,
+    decide,
+    decide_against_champion,
+    unscorable_reason,
+)
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -62,6 +75,26 @@ def _check_run(run: Run, metric: str, approved_fingerprint: str) -> float:
     return value
 
 
+def _rescored_value(run: Run, metric: str, champion_version: str) -> float | None:
+    """The champion's ``metric`` as the trainer scored it on this run's validation split, if the
+    version it scored is the one holding the alias now."""
+    if run.data.tags.get(TAG_CHAMPION_SCORED_VERSION) != champion_version:
+        return None
+    value = run.data.metrics.get(CHAMPION_METRIC_PREFIX + metric)
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _evaluation_uri(client: MlflowClient, run: Run) -> str | None:
+    """Where the run's per-class metrics and confusion matrices are, when it logged them."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        logged = client.list_artifacts(run.info.run_id, EVALUATION_ARTIFACT_DIR)
+    except (MlflowException, OSError):
+        return None
+    return f"runs:/{run.info.run_id}/{EVALUATION_ARTIFACT_DIR}" if logged else None
+
+
 def promote(
     client: MlflowClient,
     pipeline: ResolvedPipeline,
@@ -81,6 +114,7 @@ def promote(
     rule = pipeline.config.promotion
     name = pipeline.registered_model_name
     alias = rule.alias
+    approval_required = rule.approval is not None and rule.approval.required
     decided_at = (now or datetime.now(UTC)).astimezone(UTC).isoformat()
     decided_by = f"airflow:{pipeline.name}/{dag_run_id}" + (
         f" triggered by {triggered_by}" if triggered_by else ""
@@ -93,12 +127,19 @@ def promote(
     champion = registry.champion(client, name, alias)
     retried = champion is not None and str(champion.version) == version
     champion_fingerprint = None
+    recorded_value: float | None = None
+    source: str | None = None
+    unscorable: str | None = None
+    awaiting = False
     if retried:
         # An earlier try of this task already moved the alias here; keep its recorded verdict.
         recorded = Audit.from_tags(registry.version_tags(client, name, version))
         champion_version = None if recorded is None else recorded.champion_version
         champion_value = None if recorded is None else recorded.champion_value
         champion_fingerprint = None if recorded is None else recorded.champion_fingerprint
+        if recorded is not None:
+            source, recorded_value = recorded.champion_value_source, recorded.champion_recorded_value
+            unscorable = recorded.champion_unscorable
         promoted = True
         reason = (
             recorded.reason if recorded and recorded.reason else f"v{version} already holds alias '{alias}'"
@@ -106,20 +147,34 @@ def promote(
         log.info("v%s already holds alias '%s' (an earlier try of promote moved it)", version, alias)
     else:
         champion_version = None if champion is None else str(champion.version)
-        champion_value = None if champion is None else registry.champion_value(client, champion, rule.metric)
-        promoted, reason = decide(
-            rule,
-            candidate_value,
-            champion_value,
-            champion_version=champion_version,
-            champion_has_metric=champion is None or champion_value is not None,
-        )
+        recorded_value = None if champion is None else registry.champion_value(client, champion, rule.metric)
         champion_fingerprint = None if champion is None else (champion.tags or {}).get(TAG_FINGERPRINT)
-        if champion_fingerprint not in (None, NONE, approved_fingerprint):
-            # Metrics from different validation sets are not strictly comparable: say so in the audit.
-            reason += (
-                f" (note: the champion was evaluated on another dataset, {champion_fingerprint[:19]}...)"
+        if champion_fingerprint in (None, NONE):
+            champion_fingerprint = None
+        if champion is None:
+            promoted, reason = decide(rule, candidate_value, None)
+            champion_value, source = None, None
+        else:
+            assert champion_version is not None
+            rescored = _rescored_value(run, rule.metric, champion_version)
+            if rescored is None:
+                unscorable = unscorable_reason(
+                    champion_version,
+                    run.data.tags.get(TAG_CHAMPION_SCORED_VERSION),
+                    run.data.tags.get(TAG_CHAMPION_UNSCORABLE),
+                )
+            promoted, reason, source = decide_against_champion(
+                rule,
+                candidate_value,
+                champion_version=champion_version,
+                rescored_value=rescored,
+                recorded_value=recorded_value,
+                unscorable=unscorable,
             )
+            champion_value = (
+                rescored if source == "rescored" else recorded_value if source == "recorded" else None
+            )
+        awaiting = promoted and approval_required
 
     decision = Decision(
         promoted=promoted,
@@ -135,7 +190,16 @@ def promote(
         decided_at=decided_at,
         decided_by=decided_by,
         champion_fingerprint=champion_fingerprint,
+        champion_value_source=source,
+        champion_recorded_value=recorded_value,
+        compared_on=approved_fingerprint if source == "rescored" else None,
+        champion_unscorable=unscorable,
+        evaluation_uri=_evaluation_uri(client, run),
+        run_url=registry.run_url(pipeline.environment.mlflow.tracking_uri, run),
+        awaiting_approval=awaiting,
     )
+    if awaiting:
+        decision = replace(decision, promoted=False)
     audit = Audit.of(
         decision,
         rule=rule,
@@ -145,6 +209,9 @@ def promote(
         dag_run_id=dag_run_id,
     )
     registry.tag_version(client, name, version, audit.to_tags(), description=description(decision))
+    if awaiting:
+        log.info("v%s is better; the alias moves once promotion.approval is given", version)
+        return decision
     if promoted:
         if not retried:
             registry.move_alias(client, name, alias, version)

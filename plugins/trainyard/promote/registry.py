@@ -247,3 +247,28 @@ def move_alias(client: MlflowClient, name: str, alias: str, version: str) -> Non
     """Point ``alias`` of the registered model ``name`` at ``version``: the promotion itself."""
     client.set_registered_model_alias(name, alias, version)
     log.info("moved alias '%s' of %s to v%s", alias, name, version)
+
+
+def run_url(tracking_uri: str, run: Run) -> str | None:
+    """The run's page in the MLflow UI; None for a local store (no UI is served from it)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
+def per_class(client: MlflowClient, run_id: str) -> dict | None:
+    """The run's per-class metrics document (candidate and champion), or None when not logged."""
+    import json
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    from trainer.spec import PER_CLASS_ARTIFACT
+
+    with tempfile.TemporaryDirectory(prefix="trainyard-per-class-") as tmp:
+        try:
+            path = client.download_artifacts(run_id, PER_CLASS_ARTIFACT, tmp)
+            with open(path, encoding="utf-8") as handle:
+                return json.load(handle)
+        except (MlflowException, OSError, ValueError):
+            return None

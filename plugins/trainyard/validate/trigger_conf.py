@@ -36,6 +36,16 @@ _SCHEMA_KEYWORDS = (
 )
 
 
+#: The one conf key that is not a hyperparameter: train even when the inputs are unchanged.
+FORCE_RETRAIN = "force_retrain"
+FORCE_RETRAIN_SCHEMA: dict[str, Any] = {
+    "type": "boolean",
+    "default": False,
+    "description": "Train even if an earlier run had identical inputs (data, training section, "
+    "base model, trainer); otherwise such a run is skipped.",
+}
+
+
 class ConfRejected(ValueError):
     """A DAG run's conf asked for something the pipeline does not allow."""
 
@@ -59,9 +69,10 @@ def _flatten_nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def param_schemas(pipeline: ResolvedPipeline) -> dict[str, dict[str, Any]]:
-    """{conf key: JSON schema with the pipeline's value as default} for each overridable field."""
+    """{conf key: JSON schema with the pipeline's value as default} for each overridable field,
+    and ``force_retrain``."""
     training = pipeline.config.training
-    schemas = {}
+    schemas: dict[str, dict[str, Any]] = {FORCE_RETRAIN: dict(FORCE_RETRAIN_SCHEMA)}
     for name in pipeline.config.overridable:
         source = _flatten_nullable(_hyperparameter_schemas()[name])
         schema = {k: source[k] for k in _SCHEMA_KEYWORDS if k in source}
@@ -73,12 +84,14 @@ def param_schemas(pipeline: ResolvedPipeline) -> dict[str, dict[str, Any]]:
 def validate_conf(pipeline: ResolvedPipeline, conf: Mapping[str, Any] | None) -> Hyperparameters:
     """The hyperparameters for this run, or ConfRejected naming every offending key."""
     conf = dict(conf or {})
+    force_retrain(pipeline, conf)  # a bad value is rejected with the rest
+    conf.pop(FORCE_RETRAIN, None)
     allowed = list(pipeline.config.overridable)
-    allowed_text = ", ".join(allowed) if allowed else "(none: this pipeline declares no overridable fields)"
+    allowed_text = ", ".join([*allowed, FORCE_RETRAIN])
     problems = []
     for key in conf:
         if key not in allowed:
-            hint = suggest_key(key, allowed) if allowed else None
+            hint = suggest_key(key, [*allowed, FORCE_RETRAIN])
             kind = (
                 "is not overridable in this pipeline"
                 if key in Hyperparameters.model_fields
@@ -97,3 +110,14 @@ def validate_conf(pipeline: ResolvedPipeline, conf: Mapping[str, Any] | None) ->
             f"'{'.'.join(map(str, e['loc']))}' = {e.get('input')!r}: {e['msg']}" for e in exc.errors()
         )
         raise ConfRejected(f"Trigger conf rejected for pipeline '{pipeline.name}': {details}.") from None
+
+
+def force_retrain(pipeline: ResolvedPipeline, conf: Mapping[str, Any] | None) -> bool:
+    """Whether the conf forces training on unchanged inputs; anything but a boolean is rejected."""
+    value = (conf or {}).get(FORCE_RETRAIN, False)
+    if not isinstance(value, bool):
+        raise ConfRejected(
+            f"Trigger conf rejected for pipeline '{pipeline.name}': '{FORCE_RETRAIN}' = {value!r}: "
+            "must be true or false."
+        )
+    return value
