@@ -44,8 +44,14 @@ def champion_columns(champion_labels: list[str], label_names: tuple[str, ...]) -
     if len(champion_labels) == len(label_names) and set(champion_labels) == set(label_names):
         return [list(champion_labels).index(label) for label in label_names]
     raise LabelMismatch(
-        f"predicts labels [{', '.join(champion_labels)}], this run's labels are [{', '.join(label_names)}]"
+        f"predicts labels {_listed(champion_labels)}, this run's labels are {_listed(label_names)}"
     )
+
+
+def _listed(labels, shown: int = 20) -> str:
+    """``[a, b, c]``; a long list cut to its first labels and its length (the reason is a tag)."""
+    more = f", … {len(labels)} in all" if len(labels) > shown else ""
+    return f"[{', '.join(list(labels)[:shown])}{more}]"
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, n_classes: int) -> np.ndarray:

@@ -111,7 +111,10 @@ def score_champion(
                 batch_size=batch_size,
                 device=device,
                 precision=precision,
-            )
+            )[:, columns]
+        labels = np.asarray(validation["labels"], dtype=np.int64)
+        metrics = {f"eval_{k}": v for k, v in compute_metrics((logits, labels)).items()}
+        metrics["eval_loss"] = _mean_cross_entropy(logits, labels)
     except Unscorable as error:
         logger.warning("The champion is not scored: %s", error)
         return ChampionScore(champion, unscorable=str(error))
@@ -121,10 +124,6 @@ def score_champion(
         )
         logger.warning("The champion is not scored: %s", reason, exc_info=True)
         return ChampionScore(champion, unscorable=reason)
-    logits = logits[:, columns]
-    labels = np.asarray(validation["labels"], dtype=np.int64)
-    metrics = {f"eval_{k}": v for k, v in compute_metrics((logits, labels)).items()}
-    metrics["eval_loss"] = _mean_cross_entropy(logits, labels)
     logger.info(
         "Champion v%s on this validation split: %s",
         champion.version,
@@ -145,8 +144,6 @@ def fetch_champion(champion: ChampionRef, directory: Path) -> tuple[Path, int]:
     import mlflow
     from mlflow.models import Model
 
-    from trainer.serving import MAX_LENGTH_KEY, MODEL_DIR_ARTIFACT
-
     try:
         local = Path(
             mlflow.artifacts.download_artifacts(artifact_uri=champion.model_uri, dst_path=str(directory))
@@ -156,6 +153,8 @@ def fetch_champion(champion: ChampionRef, directory: Path) -> tuple[Path, int]:
             f"champion v{champion.version} could not be downloaded from {champion.model_uri}: "
             f"{describe(error, 500)}"
         ) from error
+    from trainer.serving import MAX_LENGTH_KEY, MODEL_DIR_ARTIFACT
+
     try:
         flavor = Model.load(str(local)).flavors[_PYFUNC]
         model_dir = local / flavor["artifacts"][MODEL_DIR_ARTIFACT]["path"]
@@ -284,7 +283,11 @@ def log_evaluation(
         for predictions, model, artifact in plots:
             directory, name = posixpath.split(artifact)
             matrix = confusion_matrix(predictions.labels, predictions.predicted, len(labels))
-            path = plot_confusion_matrix(matrix, labels, f"{model}\n{dataset}", Path(tmp) / name)
+            try:
+                path = plot_confusion_matrix(matrix, labels, f"{model}\n{dataset}", Path(tmp) / name)
+            except Exception:  # a picture is not worth a failed run; its numbers are in the JSON
+                logger.warning("Could not draw %s", artifact, exc_info=True)
+                continue
             mlflow.log_artifact(str(path), artifact_path=directory)
 
     if champion is None:

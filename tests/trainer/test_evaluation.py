@@ -72,7 +72,8 @@ def test_champion_columns_identity_permutation_or_mismatch():
     assert columns == [2, 0, 1]
     champion_logits = np.array([[5.0, 1.0, 0.0]])  # the champion says "pos"
     assert ("neg", "pos", "neutral")[int(np.argmax(champion_logits[:, columns]))] == "pos"
-    with pytest.raises(LabelMismatch, match=r"predicts labels \[a, b, c\], this run's labels are \[neg, pos\]"):
+    reason = r"predicts labels \[a, b, c\], this run's labels are \[neg, pos\]"
+    with pytest.raises(LabelMismatch, match=reason):
         champion_columns(["a", "b", "c"], ("neg", "pos"))
     with pytest.raises(LabelMismatch):
         champion_columns(["neg", "pos"], ("neg", "positive"))

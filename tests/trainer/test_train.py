@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.support.s3 import CREDENTIALS
-from tests.support.synthetic_data import unpunctuated_text
+from tests.support.synthetic_data import sentiment_rows, unpunctuated_text, write_csv
 from tests.support.trainer_runs import (
     TIMEOUT_S,
     child_env,
@@ -21,7 +25,19 @@ from tests.support.trainer_runs import (
     run_trainer,
     trainer_command,
 )
-from trainer.spec import EVAL_METRICS, MODEL_ARTIFACT, RunSpec, run_tags
+from trainer.spec import (
+    CHAMPION_METRIC_PREFIX,
+    CONFUSION_CANDIDATE_ARTIFACT,
+    CONFUSION_CHAMPION_ARTIFACT,
+    EVAL_METRICS,
+    EVALUATION_ARTIFACT_DIR,
+    MODEL_ARTIFACT,
+    PER_CLASS_ARTIFACT,
+    TAG_CHAMPION_SCORED_VERSION,
+    TAG_CHAMPION_UNSCORABLE,
+    RunSpec,
+    run_tags,
+)
 
 
 @pytest.mark.slow
@@ -219,3 +235,205 @@ def summary_of(spec: dict) -> str:
         config=SimpleNamespace(promotion=SimpleNamespace(alias="champion")),
     )
     return latest_summary(pipeline)
+
+
+# -- the champion, scored on the candidate's validation split -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Champion:
+    """A model an earlier trainer run logged and registered, in a store later runs log to."""
+
+    mlflow: dict  # the spec's mlflow section: the shared store
+    name: str
+    version: str
+    model_uri: str  # the logged model's URI (models:/m-...)
+    run_id: str
+    metrics: dict[str, float]  # its own run's evaluation, on `splits`' validation file
+
+    def ref(self, model_uri: str | None = None) -> dict:
+        uri = model_uri or f"models:/{self.name}/{self.version}"
+        return {"name": self.name, "version": self.version, "model_uri": uri, "run_id": self.run_id}
+
+
+@pytest.fixture(scope="session")
+def champion(tmp_path_factory, tiny_model, splits) -> Champion:
+    root = tmp_path_factory.mktemp("champion")
+    spec = make_spec(root, str(tiny_model), str(splits[0]), str(splits[1]))
+    trained = result_of(run_trainer(spec, child_env(root)))
+    client = mlflow_client(spec)
+    client.create_registered_model("tweet-sentiment")
+    version = client.create_model_version(
+        "tweet-sentiment",
+        source=trained["model_uri"],
+        run_id=trained["mlflow_run_id"],
+        model_id=trained["model_uri"].removeprefix("models:/"),
+    )
+    return Champion(
+        spec["mlflow"],
+        "tweet-sentiment",
+        str(version.version),
+        trained["model_uri"],
+        trained["mlflow_run_id"],
+        trained["metrics"],
+    )
+
+
+def candidate_spec(tmp_path: Path, champion: Champion, model: Path, train: Path, validation: Path) -> dict:
+    """A short candidate run (its own quality is beside the point) in the champion's store."""
+    spec = make_spec(tmp_path, str(model), str(train), str(validation), max_steps=3)
+    spec["mlflow"] = champion.mlflow
+    spec["identity"]["run_id"] = f"manual__{tmp_path.name}"
+    spec["champion"] = champion.ref()
+    return spec
+
+
+def champion_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    return {k.removeprefix(CHAMPION_METRIC_PREFIX): v for k, v in metrics.items() if k in CHAMPION_METRICS}
+
+
+CHAMPION_METRICS = {CHAMPION_METRIC_PREFIX + name for name in EVAL_METRICS}
+
+
+def evaluation_artifacts(client, run_id: str, directory: Path) -> tuple[set[str], dict]:
+    paths = {a.path for a in client.list_artifacts(run_id, EVALUATION_ARTIFACT_DIR)}
+    local = Path(client.download_artifacts(run_id, PER_CLASS_ARTIFACT, str(directory)))
+    return paths, json.loads(local.read_text())
+
+
+@pytest.mark.slow
+def test_the_champion_scored_on_the_same_validation_split_matches_its_own_evaluation(
+    tmp_path, tiny_model, splits, champion
+):
+    """Like for like: same data, same code, so the champion's own eval metrics come out again."""
+    spec = candidate_spec(tmp_path, champion, tiny_model, *splits)
+    result = result_of(run_trainer(spec, child_env(tmp_path)))
+
+    client = mlflow_client(spec)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[TAG_CHAMPION_SCORED_VERSION] == champion.version
+    assert TAG_CHAMPION_UNSCORABLE not in run.data.tags
+    assert champion_metrics(run.data.metrics) == pytest.approx(champion.metrics, abs=1e-5)
+    assert result["champion"]["version"] == champion.version
+    assert result["champion"]["metrics"] == pytest.approx(champion.metrics, abs=1e-5)
+    final_step = result["global_step"]
+    history = client.get_metric_history(run.info.run_id, "champion_eval_f1_macro")
+    assert [m.step for m in history] == [final_step]
+
+    paths, report = evaluation_artifacts(client, run.info.run_id, tmp_path / "downloaded")
+    assert paths == {PER_CLASS_ARTIFACT, CONFUSION_CANDIDATE_ARTIFACT, CONFUSION_CHAMPION_ARTIFACT}
+    assert report["labels"] == ["negative", "positive"]
+    assert report["champion_version"] == champion.version
+    assert report["dataset_fingerprint"] == spec["dataset_fingerprint"]
+    for model, f1_macro in (
+        ("candidate", result["metrics"]["eval_f1_macro"]),
+        ("champion", champion.metrics["eval_f1_macro"]),
+    ):
+        per_class = report[model]
+        assert sum(stats["support"] for stats in per_class.values()) == 100
+        assert np.mean([stats["f1"] for stats in per_class.values()]) == pytest.approx(f1_macro, abs=1e-5)
+    assert run.data.metrics["eval_f1.positive"] == pytest.approx(report["candidate"]["positive"]["f1"])
+    assert run.data.metrics["champion_eval_recall.negative"] == pytest.approx(
+        report["champion"]["negative"]["recall"]
+    )
+
+
+def write_noisy_validation(directory: Path) -> Path:
+    """New validation texts, a fifth of them labelled against their sentiment words: no model that
+    learned the sentiment words scores as on the original split."""
+    rows = sentiment_rows(100, seed=3, prefix="w")
+    for row in rows[::5]:
+        row["label"] = "negative" if row["label"] == "positive" else "positive"
+    return write_csv(directory / "validation-noisy.csv", rows)
+
+
+@pytest.mark.slow
+def test_on_a_changed_validation_split_the_champion_is_scored_on_the_new_one(
+    tmp_path, tiny_model, splits, champion
+):
+    validation = write_noisy_validation(tmp_path)
+    spec = candidate_spec(tmp_path, champion, tiny_model, splits[0], validation)
+    spec["champion"] = champion.ref(champion.model_uri)  # the logged model's URI works as well
+    result = result_of(run_trainer(spec, child_env(tmp_path)))
+
+    run = mlflow_client(spec).get_run(result["mlflow_run_id"])
+    scored = champion_metrics(run.data.metrics)
+    assert scored == pytest.approx(result["champion"]["metrics"])
+    assert scored["eval_accuracy"] < champion.metrics["eval_accuracy"] - 0.1
+    assert scored["eval_loss"] > champion.metrics["eval_loss"] + 0.1
+    assert scored != pytest.approx(champion.metrics, abs=1e-3)
+
+    import mlflow
+
+    # The served champion (its pyfunc, another code path) agrees on the new split's accuracy.
+    served = mlflow.pyfunc.load_model(champion.model_uri)
+    with validation.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    texts, labels = [row["text"] for row in rows], [row["label"] for row in rows]
+    predicted = list(served.predict(texts)["label"])
+    assert scored["eval_accuracy"] == pytest.approx(np.mean(np.array(predicted) == np.array(labels)))
+
+
+@pytest.mark.slow
+def test_a_champion_with_the_labels_in_another_order_is_scored_by_class_name(
+    tmp_path, tiny_model, splits, champion
+):
+    """The champion's class 0 is "negative", this run's is "positive": columns are remapped."""
+    spec = candidate_spec(tmp_path, champion, tiny_model, *splits)
+    spec["data"]["label_names"] = ["positive", "negative"]
+    spec["champion"] = champion.ref(f"runs:/{champion.run_id}/model")
+    result = result_of(run_trainer(spec, child_env(tmp_path)))
+
+    run = mlflow_client(spec).get_run(result["mlflow_run_id"])
+    assert run.data.tags[TAG_CHAMPION_SCORED_VERSION] == champion.version
+    assert champion_metrics(run.data.metrics) == pytest.approx(champion.metrics, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_champion_with_other_labels_is_unscorable_and_the_run_still_finishes(
+    tmp_path, tiny_model, splits, champion
+):
+    spec = candidate_spec(tmp_path, champion, tiny_model, *splits)
+    spec["data"]["label_names"] = ["negative", "positive", "neutral"]
+    proc = run_trainer(spec, child_env(tmp_path))
+    result = result_of(proc)
+
+    reason = (
+        f"champion v{champion.version} predicts labels [negative, positive], "
+        "this run's labels are [negative, positive, neutral]"
+    )
+    assert reason in proc.stderr and "WARNING" in proc.stderr
+    client = mlflow_client(spec)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[TAG_CHAMPION_UNSCORABLE] == reason
+    assert TAG_CHAMPION_SCORED_VERSION not in run.data.tags
+    assert not [k for k in run.data.metrics if k.startswith(CHAMPION_METRIC_PREFIX)]
+    assert result["champion"] == {"version": champion.version, "unscorable": reason}
+    assert result["model_uri"] and run.data.tags["trainyard.model_uri"] == result["model_uri"]
+
+    paths, report = evaluation_artifacts(client, run.info.run_id, tmp_path / "downloaded")
+    assert paths == {PER_CLASS_ARTIFACT, CONFUSION_CANDIDATE_ARTIFACT}
+    assert report["champion"] is None and report["champion_version"] is None
+    assert report["champion_unscorable"] == reason
+    assert set(report["candidate"]) == {"negative", "positive", "neutral"}
+
+
+def test_a_champion_that_cannot_be_downloaded_is_unscorable(tmp_path):
+    """No training needed: the download fails first, against a real (empty) MLflow store."""
+    from trainer.scoring import score_champion
+    from trainer.train import compute_metrics
+
+    spec = make_spec(
+        tmp_path, "unused-model", "train.csv", "validation.csv", fingerprint="sha256:" + "0" * 64
+    )
+    spec["champion"] = {"name": "tweet-sentiment", "version": "7", "model_uri": "models:/tweet-sentiment/7"}
+    mlflow_client(spec)  # the store exists, the version does not
+    scored = score_champion(
+        RunSpec.model_validate(spec), None, compute_metrics, batch_size=8, device=None, precision="fp32"
+    )
+    assert scored.predictions is None
+    assert scored.unscorable.startswith(
+        "champion v7 could not be downloaded from models:/tweet-sentiment/7: "
+    ), scored.unscorable
