@@ -165,6 +165,30 @@ def test_preempted_pod_is_relaunched_and_resumes_the_same_mlflow_run(cluster, pr
     assert cluster.checkpoints() == [], "checkpoints are removed after a successful run"
 
 
+def test_the_preempted_run_records_its_gpu_time(cluster, preempted_run):
+    """Both pods' time, on the one MLflow run: queued and running within the run's wall time, and
+    the first pod's loss small (it saved on SIGTERM). No gpu_hour_price here: no cost metric."""
+    run = preempted_run
+    assert run.code == 0, run.output[-6000:]
+    (mlflow_run,) = cluster.runs(MAIN)
+    metrics, tags = mlflow_run.data.metrics, mlflow_run.data.tags
+    assert (tags["trainyard.gpus"], tags["trainyard.gpu_type"], tags["trainyard.pods"]) == (
+        "1",
+        "default",
+        "2",
+    )
+    assert tags["trainyard.currency"] == "USD"
+    queued = metrics["trainyard.gpu_seconds.queued"]
+    running = metrics["trainyard.gpu_seconds.running"]
+    lost = metrics["trainyard.gpu_seconds.lost"]
+    assert running > 0 and queued >= 0
+    assert queued + running < run.elapsed, (queued, running, run.elapsed)
+    assert 0 <= lost < running / 2, (lost, running)
+    assert metrics["trainyard.seconds.running"] == running  # 1 GPU a pod
+    assert "trainyard.cost" not in metrics
+    assert "GPU time of this run (2 pod(s), 1 x default GPU each)" in run.output
+
+
 def test_secrets_never_appear_in_pod_specs_logs_or_mlflow(cluster, preempted_run):
     # Positive control: the Secret did reach the trainer process, through the kubelet only.
     environ = preempted_run.trainer_environ
