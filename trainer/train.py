@@ -119,8 +119,7 @@ def run(spec: RunSpec, preemption: Preemption) -> dict[str, Any] | None:
         mlflow_run.trained_step = trained.global_step
         mlflow_run.stage = STAGE_EVALUATION
         candidate = evaluate(trainer, tracker, trained.global_step)
-        if spec.champion is not None:
-            mlflow_run.stage = STAGE_CHAMPION_EVALUATION
+        mlflow_run.stage = STAGE_CHAMPION_EVALUATION if spec.champion else STAGE_EVALUATION
         champion = evaluate_champion(spec, plan, trainer, data)
         champion_entry = log_evaluation(tracker, spec, candidate, champion, trained.global_step)
         mlflow_run.stage = STAGE_MODEL_LOGGING

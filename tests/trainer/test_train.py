@@ -437,3 +437,53 @@ def test_a_champion_that_cannot_be_downloaded_is_unscorable(tmp_path):
     assert scored.unscorable.startswith(
         "champion v7 could not be downloaded from models:/tweet-sentiment/7: "
     ), scored.unscorable
+
+
+@pytest.mark.slow
+def test_with_two_processes_rank_zero_alone_scores_the_champion(tmp_path, tiny_model, splits, champion):
+    """The other rank does not wait in a collective for a scoring it takes no part in."""
+    spec = candidate_spec(tmp_path, champion, tiny_model, *splits)
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    argv = [torchrun, "--standalone", "--nproc_per_node=2", *trainer_command(spec)[1:]]
+    proc = subprocess.run(
+        argv, env=child_env(tmp_path), capture_output=True, text=True, timeout=TIMEOUT_S, check=False
+    )
+    result = result_of(proc)
+    assert proc.stderr.count("Scoring champion") == 1
+    run = mlflow_client(spec).get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert champion_metrics(run.data.metrics) == pytest.approx(champion.metrics, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_retry_after_training_scores_the_champion_again(tmp_path, tiny_model, splits, champion):
+    """Model logging fails after the champion was scored; the retry (training complete) scores it
+    again and ends FINISHED with the one scored tag."""
+    spec = candidate_spec(tmp_path, champion, tiny_model, *splits)
+    # Its own experiment, so the blocked model folder is not the champion's.
+    spec["mlflow"] = {
+        **champion.mlflow,
+        "experiment_name": "retry",
+        "artifact_location": str(tmp_path / "art"),
+    }
+    blocker = block_model_artifacts(tmp_path / "art")
+    env = child_env(tmp_path)
+    first = run_trainer(spec, env)
+    assert first.returncode == 1, first.stderr[-4000:]
+    client = mlflow_client(spec)
+    (run,) = client.search_runs([client.get_experiment_by_name("retry").experiment_id])
+    assert run.data.tags["trainyard.error_stage"] == "model logging"
+    assert run.data.tags[TAG_CHAMPION_SCORED_VERSION] == champion.version
+
+    blocker.unlink()
+    spec["identity"]["try_number"] = 2
+    second = run_trainer(spec, env)
+    result = result_of(second)
+    assert "Training already complete" in second.stderr and "Scoring champion" in second.stderr
+    assert result["champion"]["metrics"] == pytest.approx(champion.metrics, abs=1e-5)
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[TAG_CHAMPION_SCORED_VERSION] == champion.version
+    assert TAG_CHAMPION_UNSCORABLE not in run.data.tags
+    history = client.get_metric_history(run.info.run_id, "champion_eval_loss")
+    assert [m.step for m in history] == [result["global_step"]] * 2, "scored on each attempt"
