@@ -5,7 +5,8 @@
 # mlflow comes from PyPI at the version of requirements.txt (the tag names it), so client and
 # server run one MLflow and the database schema is migrated by that same version; no third-party
 # server image to trust. docker/mlflow-requirements.txt adds the PostgreSQL driver, boto3 (the
-# proxied s3:// artifact destination) and the Prometheus exporter behind --expose-prometheus.
+# proxied s3:// artifact destination), the Prometheus exporter behind --expose-prometheus and
+# Flask-WTF, mlflow[auth]'s one extra, for the access control of --app-name basic-auth.
 FROM python:3.11-slim-bookworm
 
 ENV PIP_NO_CACHE_DIR=1 \
@@ -15,7 +16,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 COPY docker/mlflow-requirements.txt /tmp/mlflow-requirements.txt
 RUN pip install --no-cache-dir -r /tmp/mlflow-requirements.txt \
-    && python -c "import mlflow, psycopg2, boto3, prometheus_flask_exporter" \
+    && python -c "import mlflow, psycopg2, boto3, prometheus_flask_exporter, flask_wtf, mlflow.server.auth" \
     && groupadd --gid 1001 mlflow \
     && useradd --uid 1001 --gid 1001 --no-create-home --home-dir /tmp mlflow
 
