@@ -334,7 +334,7 @@ class KubernetesTrainOperator(KubernetesPodOperator):
         if self._stopped_by_airflow:
             raise AirflowException(_STOPPED)
         if self._last_remote_pod is not None:
-            self._note_pod(self._last_remote_pod, end="succeeded")
+            self._note_pod(self._last_remote_pod, end="succeeded", ended=True)
         self._publish_queue_waits(context)
         return outcome
 
@@ -430,7 +430,16 @@ class KubernetesTrainOperator(KubernetesPodOperator):
 
         Pods are read every few seconds: the state is written only when something new was seen.
         ``ended``: the pod is over, and without a reported end it ended now (when the task saw it).
+        Called from inside the provider's reads: it never raises (the run only loses a cost figure).
         """
+        try:
+            self._keep_pod_times(pod, end=end, checkpoint_step=checkpoint_step, ended=ended)
+        except Exception:
+            self.log.warning("Could not keep the times of a pod for the run's cost", exc_info=True)
+
+    def _keep_pod_times(
+        self, pod: Any, *, end: PodEnd | None, checkpoint_step: int | None, ended: bool
+    ) -> None:
         store = self._store
         meta = pod.get("metadata") if isinstance(pod, dict) else getattr(pod, "metadata", None)
         name = (meta or {}).get("name") if isinstance(meta, dict) else getattr(meta, "name", None)
@@ -532,6 +541,7 @@ class KubernetesTrainOperator(KubernetesPodOperator):
 
         if self._costing:
             return body()  # a relaunch from trigger_reentry: the outer call records it
+        self._state_store(context)  # a resumed task is a fresh operator: pod reads are kept from now on
         self._costing = True
         try:
             outcome = body()
