@@ -59,3 +59,14 @@ def test_summary_names_a_known_cause_and_a_run_without_an_error_record():
     assert any("lower training.batch_size" in line for line in oom)
     (line,) = failure_lines("FAILED", {})
     assert "recorded no error" in line and "OOMKilled" in line
+
+
+def test_summary_shows_the_champion_as_scored_on_this_run_s_data_or_why_not():
+    from trainyard.cli.summary import champion_lines
+
+    metrics = {"champion_eval_accuracy": 0.8, "champion_eval_f1_macro": 0.75, "eval_accuracy": 0.9}
+    (line,) = champion_lines(metrics, {"trainyard.champion.version": "3"})
+    assert line == "Champion v3 on this run's validation data: eval_accuracy=0.8000, eval_f1_macro=0.7500"
+    (line,) = champion_lines({}, {"trainyard.champion.unscorable": "champion v3 predicts other labels"})
+    assert line == "Champion on this data: not scored (champion v3 predicts other labels)"
+    assert champion_lines({"eval_accuracy": 0.9}, {}) == [], "no champion: nothing to say"

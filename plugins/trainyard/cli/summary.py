@@ -9,16 +9,23 @@ from pathlib import Path
 from typing import Any
 
 from trainer.spec import (
+    CHAMPION_METRIC_PREFIX,
+    EVAL_METRICS,
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
+    OUTCOME_SKIPPED,
     STAGE_SETUP,
     STAGES_AFTER_TRAINING,
+    TAG_CHAMPION_SCORED_VERSION,
+    TAG_CHAMPION_UNSCORABLE,
     TAG_CHECKPOINT_STEP,
     TAG_ERROR,
     TAG_ERROR_STAGE,
     TAG_EXIT_CODE,
+    TAG_OUTCOME,
     TAG_PIPELINE,
+    TAG_SKIP_REASON,
     TAG_TRY_NUMBER,
 )
 from trainyard.config.loading import ResolvedPipeline
@@ -117,6 +124,45 @@ def failure_lines(status: str, tags: dict[str, str]) -> list[str]:
     return lines
 
 
+def champion_lines(metrics: dict[str, float], tags: dict[str, str]) -> list[str]:
+    """The champion as the trainer re-scored it on this run's validation data, or why it could not."""
+    version = tags.get(TAG_CHAMPION_SCORED_VERSION)
+    if tags.get(TAG_CHAMPION_UNSCORABLE):
+        return [f"Champion on this data: not scored ({tags[TAG_CHAMPION_UNSCORABLE]})"]
+    scored = {
+        k: metrics[CHAMPION_METRIC_PREFIX + k] for k in EVAL_METRICS if CHAMPION_METRIC_PREFIX + k in metrics
+    }
+    if not version or not scored:
+        return []
+    values = ", ".join(f"{k}={v:.4f}" for k, v in scored.items())
+    return [f"Champion v{version} on this run's validation data: {values}"]
+
+
+def skipped_lines(pipeline: ResolvedPipeline, run: Any, client: Any) -> list[str]:
+    """A DAG run that trained nothing: which run it repeats, and how to train anyway."""
+    tags = run.data.tags
+    lines = [
+        f"Pipeline {pipeline.name} (environment {pipeline.environment.name})",
+        f"Airflow run: {tags.get('airflow.run_id')}",
+        f"SKIPPED as unchanged: {tags.get(TAG_SKIP_REASON, 'identical inputs to an earlier run')}.",
+        "Nothing was trained or registered: the data (fingerprint "
+        f"{tags.get('trainyard.dataset_fingerprint', '?')[:19]}...), the training section, the base model "
+        "and the trainer are those of that run.",
+        f"To train anyway: airflow dags test {pipeline.name} -c '{{\"force_retrain\": true}}' "
+        f"(or tick force_retrain in the trigger form).",
+    ]
+    try:
+        champion = client.get_model_version_by_alias(
+            pipeline.registered_model_name, pipeline.config.promotion.alias
+        )
+        lines.append(
+            f"Current {pipeline.config.promotion.alias}: {pipeline.registered_model_name} v{champion.version}"
+        )
+    except Exception:  # no alias yet
+        lines.append(f"Current {pipeline.config.promotion.alias}: none")
+    return lines
+
+
 def latest_summary(pipeline: ResolvedPipeline) -> str:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.exceptions import MlflowException
@@ -136,6 +182,8 @@ def latest_summary(pipeline: ResolvedPipeline) -> str:
     if not runs:
         return f"No runs of '{pipeline.name}' in experiment '{pipeline.experiment_name}'."
     run = runs[0]
+    if run.data.tags.get(TAG_OUTCOME) == OUTCOME_SKIPPED:
+        return "\n".join(skipped_lines(pipeline, run, client))
     metrics = run.data.metrics
     lines = [
         f"Pipeline {pipeline.name} (environment {pipeline.environment.name})",
@@ -154,6 +202,7 @@ def latest_summary(pipeline: ResolvedPipeline) -> str:
             or "none (not evaluated)"
         ),
     ]
+    lines += champion_lines(metrics, run.data.tags)
     name = pipeline.registered_model_name
     versions = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
     if versions:
