@@ -288,3 +288,30 @@ def test_champion_without_metric_replaced_only_past_must_reach(make_env):
     assert not low.promoted and "below the required minimum" in low.reason
     assert ok.promoted and f"champion v{manual.version} has no eval_f1_macro" in ok.reason
     assert env.champion() == ok.version
+
+
+def test_the_run_s_cost_is_on_the_version_s_audit(make_env):
+    env = make_env()
+    run_id = env.log_run(
+        "r1",
+        {
+            "eval_f1_macro": 0.8,
+            "trainyard.gpu_seconds.queued": 1800.0,
+            "trainyard.gpu_seconds.running": 7200.0,
+            "trainyard.gpu_seconds.lost": 360.0,
+            "trainyard.cost": 5.0,
+        },
+    )
+    for key, value in {
+        "trainyard.gpu_type": "a100",
+        "trainyard.gpus": "2",
+        "trainyard.currency": "EUR",
+    }.items():
+        env.client.set_tag(run_id, key, value)
+
+    env.promote("r1")
+
+    tags = env.tags("1")
+    assert tags["trainyard.gpu_hours.running"] == "2.0000" and tags["trainyard.gpu_hours.queued"] == "0.5000"
+    assert tags["trainyard.gpu_hours.lost"] == "0.1000" and tags["trainyard.cost"] == "5.00"
+    assert tags["trainyard.currency"] == "EUR" and tags["trainyard.gpu_type"] == "a100"

@@ -33,6 +33,7 @@ from trainer.spec import (
     TAG_CHAMPION_UNSCORABLE,
     TAG_FINGERPRINT,
 )
+from trainyard.cost import cost_tags
 from trainyard.promote import registry
 from trainyard.promote.audit import NONE, Audit, Superseded, description
 from trainyard.promote.decision import (
@@ -208,7 +209,9 @@ def promote(
         environment=pipeline.environment.name,
         dag_run_id=dag_run_id,
     )
-    registry.tag_version(client, name, version, audit.to_tags(), description=description(decision))
+    # What the run cost goes on the version's audit too: the registry is where a model is judged.
+    tags = {**audit.to_tags(), **cost_tags(run)}
+    registry.tag_version(client, name, version, tags, description=description(decision))
     if awaiting:
         log.info("v%s is better; the alias moves once promotion.approval is given", version)
         return decision
