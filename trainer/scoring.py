@@ -294,7 +294,7 @@ def log_evaluation(
         return None
     tags = run.data.tags
     if scored is None:
-        if TAG_CHAMPION_SCORED_VERSION in tags:  # scored another version before: not this run's champion
+        if TAG_CHAMPION_SCORED_VERSION in tags:  # an incomplete or other scoring: not this one
             client.delete_tag(tracker.run_id, TAG_CHAMPION_SCORED_VERSION)
         mlflow.set_tag(TAG_CHAMPION_UNSCORABLE, champion.unscorable)
         return {"version": champion.champion.version, "unscorable": champion.unscorable}
