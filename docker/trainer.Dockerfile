@@ -27,7 +27,7 @@ ENV PYTHONUNBUFFERED=1 \
 COPY docker/trainer-requirements.txt /tmp/trainer-requirements.txt
 RUN pip install --no-cache-dir -r /tmp/trainer-requirements.txt \
     && rm /tmp/trainer-requirements.txt \
-    && python -c "import torch, transformers, datasets, mlflow, s3fs; print(torch.__version__, transformers.__version__)"
+    && python -c "import torch, transformers, datasets, mlflow, s3fs, matplotlib; print(torch.__version__, transformers.__version__)"
 
 # uid/gid 1000 = kubernetes.run_as_user / run_as_group in the environment YAML (the pod's
 # securityContext). Ubuntu 24.04 based images already have user `ubuntu` with uid 1000.
