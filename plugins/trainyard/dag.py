@@ -77,17 +77,28 @@ def _doc_md(pipeline: ResolvedPipeline) -> str:
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in hp.items())
     bound = "at least" if rule.direction == "max" else "at most"
     threshold = f", {bound} {rule.must_reach}" if rule.must_reach is not None else ""
+    policy = rule.approval
+    approval = (
+        f"; a person approves first (within {policy.timeout_hours:g} h"
+        + (f"; approvers: {', '.join(policy.approvers)}" if policy.approvers else "")
+        + ")"
+        if policy is not None and policy.required
+        else ""
+    )
     return f"""### {cfg.name}
 
 {cfg.description}
 
 * **Owner:** {cfg.owner} (team `{cfg.team}`) · **environment:** `{pipeline.environment.name}`
-  · **schedule:** `{pipeline.schedule}` · **source:** `{pipeline.source.name}`
+  · **schedule:** `{pipeline.schedule}`{" + on dataset update" if pipeline.on_dataset_update else ""}
+  · **source:** `{pipeline.source.name}`
 * **Data:** `{data.train_uri}` / `{data.validation_uri}` ({data.format}; text `{data.text_column}`,
   label `{data.label_column}`: {", ".join(data.label_names)})
 * **Model:** `{pipeline.model_base}` (max {cfg.model.max_length} tokens)
 * **Promotion:** `{rule.metric}` ({rule.direction}imise){threshold}, beating the champion by
-  at least {rule.min_improvement}; alias `{rule.alias}` on `{pipeline.registered_model_name}`
+  at least {rule.min_improvement}, both scored on the candidate's validation data (champion not
+  scorable: `{rule.if_champion_unscorable}`); alias `{rule.alias}` on
+  `{pipeline.registered_model_name}`{approval}
 * **Overridable at trigger time:** {overridable}
 
 | hyperparameter | value |
