@@ -129,8 +129,8 @@ def test_a_pipeline_its_quota_could_never_admit_is_refused(config_dirs):
         ("  nlp:\n    gpus", "  NLP_team:\n    gpus", "not a valid team name"),
         ("  nlp:\n    gpus", "  default:\n    gpus", "'default' is reserved"),
         (
-            "    env:\n      MLFLOW",
-            "    env_from: [trainyard-s3-credentials]\n    env:\n      MLFLOW",
+            "  caps: {gpus: 2,",
+            "  secrets:\n    env_from: [trainyard-s3-credentials]\n  caps: {gpus: 2,",
             "kubernetes.secrets.env_from is shared by every team",
         ),
         ("      data: [s3://trainyard-dev-datasets/nlp/]", "      data: [nlp/]", "must be an s3://"),

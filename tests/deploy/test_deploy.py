@@ -426,6 +426,54 @@ def test_chart_names_come_from_the_environment_yaml(deployment: Deployment) -> N
         }
 
 
+def test_the_doc_fills_every_secret_the_chart_creates() -> None:
+    """docs/deploy.md's `kubectl create secret` commands fill each Secret placeholder the chart
+    renders for the shipped YAML with exactly its keys (a key missing from the command stays
+    empty; one the chart does not list is one nobody reads), creates no Secret in a training
+    namespace the chart does not, and names the MLflow users registry_access grants: the platform
+    user for the Airflow workers, trainyard-<env>-<team>-trainer for each team's pods."""
+    from tests.deploy.test_upstream_charts import _option, doc_commands, documented_secrets
+    from trainyard.registry_access import PLATFORM_USER, trainer_user
+
+    cluster = load_yaml(CHART / "values.yaml")
+    placeholders = {
+        (s["metadata"]["namespace"], s["metadata"]["name"]): frozenset(s["data"])
+        for s in of_kind(render(chart_values()), "Secret")
+    }
+    documented = documented_secrets()
+    problems = [
+        f"{ns}/{name}: the doc creates {sorted(documented.get((ns, name), ()))}, the chart {sorted(keys)}"
+        for (ns, name), keys in sorted(placeholders.items())
+        if documented.get((ns, name)) != keys
+    ]
+    training = {env(name).kubernetes.namespace for name in CLUSTER_ENVS}  # type: ignore[union-attr]
+    problems += [
+        f"{ns}/{name}: created by the doc, not by the chart (left over?)"
+        for ns, name in sorted(documented)
+        if (ns in training or (ns == cluster["airflowNamespace"] and name.startswith("trainyard-")))
+        and (ns, name) not in placeholders
+    ]
+    assert not problems, "\n".join(problems)
+
+    users = {}
+    for command in doc_commands():
+        if command[:1] == ("kubectl",) and "create" in command and "secret" in command:
+            namespace = _option(command, "-n", "--namespace")[0]
+            name = command[command.index("generic") + 1]
+            for spec in _option(command, "--from-literal"):
+                if spec.startswith("MLFLOW_TRACKING_USERNAME="):
+                    users[(namespace, name)] = spec.split("=", 1)[1]
+    expected = {(cluster["airflowNamespace"], "trainyard-mlflow-credentials"): PLATFORM_USER}
+    for name in CLUSTER_ENVS:
+        environment = env(name)
+        for team in environment.teams:
+            for secret in environment.team_credentials_secrets(team):
+                expected[(environment.kubernetes.namespace, secret)] = trainer_user(name, team)  # type: ignore[union-attr]
+    assert users == expected
+    for where in expected:
+        assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= placeholders[where], where
+
+
 def test_prod_preempts_dev_and_dev_preempts_nobody(deployment: Deployment) -> None:
     classes = {m["metadata"]["name"]: m for m in of_kind(deployment.manifests, "PriorityClass")}
     dev = classes[deployment.environments["dev"].kubernetes.priority_class]  # type: ignore[union-attr]

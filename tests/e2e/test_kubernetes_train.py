@@ -193,7 +193,7 @@ def test_secrets_never_appear_in_pod_specs_logs_or_mlflow(cluster, preempted_run
     # Positive control: the Secret did reach the trainer process, through the kubelet only.
     environ = preempted_run.trainer_environ
     assert environ["AWS_SECRET_ACCESS_KEY"] == SECRET_VALUE
-    assert environ["MLFLOW_TRACKING_TOKEN"] == SECRET_VALUE
+    assert environ["MLFLOW_TRACKING_PASSWORD"] == SECRET_VALUE
 
     received = cluster.emulator.received_pods()  # every POSTed pod body, refused ones too
     assert received, "the emulator received pods"
@@ -202,8 +202,8 @@ def test_secrets_never_appear_in_pod_specs_logs_or_mlflow(cluster, preempted_run
         (container,) = body["spec"]["containers"]
         assert {"secretRef": {"name": S3_SECRET}} in container["envFrom"]
         assert {
-            "name": "MLFLOW_TRACKING_TOKEN",
-            "valueFrom": {"secretKeyRef": {"name": MLFLOW_SECRET, "key": "token"}},
+            "name": "MLFLOW_TRACKING_PASSWORD",
+            "valueFrom": {"secretKeyRef": {"name": MLFLOW_SECRET, "key": "password"}},
         } in container["env"]
     for namespace in NAMESPACES.values():
         for pod in cluster.emulator.pods(namespace):

@@ -78,7 +78,7 @@ def environment_text(name: str, mode: str = "kueue") -> str:
     if mode == "no-teams":
         del data["kubernetes"]["scheduling"]
         data.pop("teams", None)
-        data["kubernetes"]["secrets"]["env_from"] = ["trainyard-s3-credentials"]
+        data["kubernetes"].setdefault("secrets", {})["env_from"] = ["trainyard-s3-credentials"]
     else:
         assert mode == "priority", mode
     return yaml.safe_dump(data, sort_keys=False)

@@ -91,7 +91,12 @@ def environment_yaml(home: Path, namespace: str, s3_endpoint: str, **kubernetes:
             "priority_class": PRIORITY_CLASS,
             "secrets": {
                 "env_from": [S3_SECRET],
-                "env": {"MLFLOW_TRACKING_TOKEN": {"secret": MLFLOW_SECRET, "key": "token"}},
+                # As an environment without teams would map its MLflow user (the shipped YAML has
+                # teams: their credentials Secret carries it); the tracking URI here is sqlite.
+                "env": {
+                    "MLFLOW_TRACKING_USERNAME": {"secret": MLFLOW_SECRET, "key": "username"},
+                    "MLFLOW_TRACKING_PASSWORD": {"secret": MLFLOW_SECRET, "key": "password"},
+                },
             },
             "caps": {"gpus": 1, "cpu": "2", "memory": "4Gi", "shm_size": "1Gi"},
             "startup_timeout_seconds": STARTUP_TIMEOUT,
@@ -295,7 +300,9 @@ def open_cluster(
                         "AWS_DEFAULT_REGION": "us-east-1",
                     },
                 )
-                emulator.add_secret(namespace, MLFLOW_SECRET, {"token": SECRET_VALUE})
+                emulator.add_secret(
+                    namespace, MLFLOW_SECRET, {"username": "trainyard-test-trainer", "password": SECRET_VALUE}
+                )
             emulator.add_priority_class(PRIORITY_CLASS, 1000)
             setup(emulator)
             kubeconfig = emulator.write_kubeconfig(home / "kubeconfig")

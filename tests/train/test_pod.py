@@ -102,14 +102,11 @@ def test_pod_requests_gpus_under_the_priority_class_with_hardening(config_dirs, 
 def test_secrets_are_references_never_values(config_dirs):
     pod = render_pod(_pipeline(config_dirs, "prod"))
     container = _container(pod)
+    # The team's own Secret carries its S3 keys and its MLflow user (MLFLOW_TRACKING_USERNAME and
+    # _PASSWORD of trainyard-prod-nlp-trainer): no other Secret reaches the pod.
     assert container["envFrom"] == [{"secretRef": {"name": "trainyard-nlp-credentials"}}], "the team's own"
     references = [e for e in container["env"] if "valueFrom" in e]
-    assert references == [
-        {
-            "name": "MLFLOW_TRACKING_TOKEN",
-            "valueFrom": {"secretKeyRef": {"name": "trainyard-mlflow-credentials", "key": "token"}},
-        }
-    ]
+    assert references == [], "no kubernetes.secrets.env in the shipped YAML"
     literals = {e["name"]: e["value"] for e in container["env"] if "valueFrom" not in e}
     assert literals == {
         "PYTHONUNBUFFERED": "1",
@@ -122,6 +119,20 @@ def test_secrets_are_references_never_values(config_dirs):
         "TRAINYARD_SCRATCH": "/scratch",
     }, "only these settings are literal values: no credential, no AWS_* key"
     assert len(container["env"]) == len(references) + len(literals), "each name once"
+
+
+def test_secret_env_entries_become_secret_key_refs(config_dirs):
+    """kubernetes.secrets.env (unused by the shipped YAML) still reaches the pod as references."""
+    _, environments = config_dirs
+    path = environments / "prod.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["kubernetes"]["secrets"] = {"env": {"HF_TOKEN": {"secret": "trainyard-hf", "key": "token"}}}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    container = _container(render_pod(_pipeline(config_dirs, "prod")))
+    assert container["envFrom"] == [{"secretRef": {"name": "trainyard-nlp-credentials"}}]
+    assert [e for e in container["env"] if "valueFrom" in e] == [
+        {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "trainyard-hf", "key": "token"}}}
+    ]
 
 
 def test_dev_and_prod_differ_only_where_their_yaml_differs(config_dirs):
