@@ -165,7 +165,12 @@ class Cluster:
     def checkpoints(self) -> list[Path]:
         return sorted((self.home / "checkpoints" / PIPELINE).glob("*/*/checkpoint-*/trainer_state.json"))
 
-    def start(self, environment: str, conf: dict | None = None) -> DagTest:
+    def start(self, environment: str, conf: dict | None = None, *, force_retrain: bool = True) -> DagTest:
+        """``airflow dags test`` of the pipeline in ``environment``. Forced to train by default: these
+        tests run the same inputs many times to watch the pod, and a repeat would be skipped as
+        unchanged (the skip itself is tested in tests/e2e/test_governance.py)."""
+        if force_retrain:
+            conf = {**(conf or {}), "force_retrain": True}
         return DagTest(self, environment, conf)
 
 
@@ -269,6 +274,10 @@ def open_cluster(
     home = tmp_path_factory.mktemp("trainyard-k8s-home")
     write_splits(home / "data" / "tiny", train_rows=320, validation_rows=80)
     build_tiny_model(home / "models" / "tiny-bert")
+    # MLflow's tables now: runs of several environments start at once, and SQLite lets one create them.
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db").search_experiments()
     with MotoS3(BUCKET) as s3:
         s3.upload_tree(home / "data", f"s3://{BUCKET}/data")
         s3.upload_tree(home / "models", f"s3://{BUCKET}/models")
