@@ -94,7 +94,7 @@ class Env:
         status: str = "FINISHED",
         model_uri_tag: bool = True,
         environment: str | None = None,
-        champion_scores: dict[str, float] | None | str = "same data",
+        champion_scores: dict[str, float] | str | None = "same data",
         unscorable: str | None = None,
     ) -> str:
         """A FINISHED (or ``status``) candidate run with ``metrics`` and a model.
