@@ -20,7 +20,7 @@ export TOKENIZERS_PARALLELISM := false
 
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-fast test-lifecycle test-system lint format bench bench-contention mlflow-ui clean
+.PHONY: help setup demo test test-fast test-extended test-lifecycle test-system lint format bench bench-contention mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,8 +45,11 @@ demo: setup ## run the tweet-sentiment pipeline end to end on this machine (~5-1
 	@echo; echo "================ Trainyard demo summary ================"
 	@$(BIN)/trainyard summary tweet-sentiment
 
-test: setup ## run the test suite (all but the system and pod-lifecycle tests; ~14 min on 2 cores)
-	$(BIN)/python -m pytest -m "not system and not pod_lifecycle" $(PYTEST_ARGS)
+test: setup ## run the test suite (all but the extended, pod-lifecycle and system tests; ~15 min on 2 cores)
+	$(BIN)/python -m pytest -m "not system and not pod_lifecycle and not extended" $(PYTEST_ARGS)
+
+test-extended: setup ## whole pipelines on the Kubernetes emulator, governed promotion end to end, champion scoring (~14 min)
+	$(BIN)/python -m pytest -m "extended and not system and not pod_lifecycle" $(PYTEST_ARGS)
 
 test-fast: setup ## the tests without the slow end-to-end ones (~2 min)
 	$(BIN)/python -m pytest -m "not slow and not system" $(PYTEST_ARGS)

@@ -23,7 +23,7 @@ from tests.support.pipelines import tiny_pipeline
 from tests.support.synthetic_data import sentiment_rows, write_csv, write_splits
 from tests.support.tiny_model import build_tiny_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 PIPELINE = "tiny-governed"
 

@@ -39,7 +39,7 @@ from tests.support.k8s_cluster import (
 )
 from tests.support.k8s_emulator import KubernetesEmulator
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 # scenario (= environment name) -> namespace
 MAIN, OOM, NO_PRIORITY, QUOTA, TIMEOUT = "k8s-test", "k8s-oom", "k8s-noprio", "k8s-quota", "k8s-timeout"

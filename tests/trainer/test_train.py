@@ -302,6 +302,7 @@ def evaluation_artifacts(client, run_id: str, directory: Path) -> tuple[set[str]
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_the_champion_scored_on_the_same_validation_split_matches_its_own_evaluation(
     tmp_path, tiny_model, splits, champion
 ):
@@ -349,6 +350,7 @@ def write_noisy_validation(directory: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_on_a_changed_validation_split_the_champion_is_scored_on_the_new_one(
     tmp_path, tiny_model, splits, champion
 ):
@@ -376,6 +378,7 @@ def test_on_a_changed_validation_split_the_champion_is_scored_on_the_new_one(
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_a_champion_with_the_labels_in_another_order_is_scored_by_class_name(
     tmp_path, tiny_model, splits, champion
 ):
@@ -391,6 +394,7 @@ def test_a_champion_with_the_labels_in_another_order_is_scored_by_class_name(
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_a_champion_with_other_labels_is_unscorable_and_the_run_still_finishes(
     tmp_path, tiny_model, splits, champion
 ):
@@ -440,6 +444,7 @@ def test_a_champion_that_cannot_be_downloaded_is_unscorable(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_with_two_processes_rank_zero_alone_scores_the_champion(tmp_path, tiny_model, splits, champion):
     """The other rank does not wait in a collective for a scoring it takes no part in."""
     spec = candidate_spec(tmp_path, champion, tiny_model, *splits)
@@ -456,6 +461,7 @@ def test_with_two_processes_rank_zero_alone_scores_the_champion(tmp_path, tiny_m
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_a_retry_after_training_scores_the_champion_again(tmp_path, tiny_model, splits, champion):
     """Model logging fails after the champion was scored; the retry (training complete) scores it
     again and ends FINISHED with the one scored tag."""

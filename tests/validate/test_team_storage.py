@@ -213,7 +213,7 @@ def test_without_teams_nothing_is_restricted(site):
 def test_no_trigger_conf_key_can_name_a_location(site):
     """Only hyperparameters are overridable; a location in the conf stops the run like any other key."""
     pipeline = site.pipeline("teams")
-    assert set(param_schemas(pipeline)) == {"epochs", "learning_rate", "max_steps"}
+    assert set(param_schemas(pipeline)) == {"force_retrain", "epochs", "learning_rate", "max_steps"}
     for conf in (
         {"train": f"{site.data}/cv/tweets/train.csv"},
         {"dataset": {"train": "cv/tweets/train.csv"}},
