@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from trainer.spec import StrictModel
-from trainyard.config.pipeline_schema import EMAIL, check_uri, quantity
+from trainyard.config.pipeline_schema import EMAIL, check_emails, check_uri, quantity
 from trainyard.config.yaml_source import YamlLimits
 
 NAMING_FIELDS = ("pipeline", "environment", "team")
@@ -368,13 +368,7 @@ class EmailChannel(StrictModel):
     from_email: str = Field(pattern=EMAIL.pattern, description="The From address.")
     to: tuple[str, ...] = Field((), description="Always mailed; pipelines add their owner and recipients.")
 
-    @field_validator("to")
-    @classmethod
-    def _addresses(cls, values: tuple[str, ...]) -> tuple[str, ...]:
-        for value in values:
-            if not EMAIL.match(value):
-                raise ValueError(f"'{value}' is not an email address (name@domain)")
-        return values
+    _addresses = field_validator("to")(check_emails)
 
 
 class SlackChannel(StrictModel):

@@ -48,6 +48,14 @@ def quantity(value: Any) -> str:
     return text
 
 
+def check_emails(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Mail addresses (name@domain), as given."""
+    for value in values:
+        if not EMAIL.match(value):
+            raise ValueError(f"'{value}' is not an email address (name@domain)")
+    return values
+
+
 def file_format(uri: str) -> Literal["csv", "parquet"] | None:
     suffix = PurePosixPath(uri).suffix.lower()
     return {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}.get(suffix)  # type: ignore[return-value]
@@ -217,10 +225,7 @@ class PipelineNotifications(StrictModel):
     @field_validator("email")
     @classmethod
     def _addresses(cls, values: tuple[str, ...]) -> tuple[str, ...]:
-        for value in values:
-            if not EMAIL.match(value):
-                raise ValueError(f"'{value}' is not an email address (name@domain)")
-        return tuple(dict.fromkeys(values))
+        return tuple(dict.fromkeys(check_emails(values)))
 
 
 class PipelineConfig(StrictModel):
