@@ -391,19 +391,13 @@ def find_training_run(
     client: MlflowClient, experiment_name: str, *, pipeline: str, environment: str, dag_run_id: str
 ) -> Run | None:
     """The newest MLflow run of this DAG run, whatever its status (relaunches continue one run)."""
+    from trainyard.promote.registry import runs_tagged
+
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         return None
     wanted = {TAG_RUN_ID: dag_run_id, TAG_PIPELINE: pipeline, TAG_ENVIRONMENT: environment}
-    # Pipeline and environment names are always quotable; the run id is matched below.
-    clauses = [f"tags.`{k}` = '{v}'" for k, v in wanted.items() if "'" not in v and "\\" not in v]
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=" and ".join(clauses),
-        max_results=100,
-        order_by=["attributes.start_time DESC"],
-    )
-    matching = [r for r in runs if all(r.data.tags.get(k) == v for k, v in wanted.items())]
+    matching = runs_tagged(client, experiment.experiment_id, wanted)
     return matching[0] if matching else None
 
 

@@ -41,6 +41,29 @@ def _quote(value: str) -> str | None:
     return None
 
 
+def runs_tagged(client: MlflowClient, experiment_id: str, wanted: Mapping[str, str]) -> list[Run]:
+    """Every run of the experiment carrying all of ``wanted``'s tags, newest first, any status.
+
+    Names from the pipeline/environment schemas are always quotable; an Airflow run id may not be,
+    and is then matched here instead of in the filter.
+    """
+    clauses = [f"tags.`{k}` = {q}" for k, v in wanted.items() if (q := _quote(v)) is not None]
+    runs: list[Run] = []
+    page_token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=" and ".join(clauses),
+            max_results=1000,
+            order_by=["attributes.start_time DESC"],
+            page_token=page_token,
+        )
+        runs.extend(r for r in page if all(r.data.tags.get(k) == v for k, v in wanted.items()))
+        page_token = page.token
+        if not page_token:
+            return runs
+
+
 def find_candidate_run(client: MlflowClient, pipeline: ResolvedPipeline, dag_run_id: str) -> Run:
     """The newest FINISHED MLflow run tagged with this DAG run, or PromotionRefused."""
     experiment = client.get_experiment_by_name(pipeline.experiment_name)
@@ -56,24 +79,7 @@ def find_candidate_run(client: MlflowClient, pipeline: ResolvedPipeline, dag_run
             f"{searched} to promote (did train run against tracking URI "
             f"{pipeline.environment.mlflow.tracking_uri}?)"
         )
-    # Names from the pipeline/environment schemas are always quotable; an Airflow run id may not be,
-    # and is then matched here instead of in the filter.
-    clauses = [f"tags.`{k}` = {q}" for k, v in wanted.items() if (q := _quote(v)) is not None]
-    runs: list[Run] = []
-    page_token = None
-    while True:
-        page = client.search_runs(
-            [experiment.experiment_id],
-            filter_string=" and ".join(clauses),
-            max_results=1000,
-            order_by=["attributes.start_time DESC"],
-            page_token=page_token,
-        )
-        runs.extend(r for r in page if all(r.data.tags.get(k) == v for k, v in wanted.items()))
-        page_token = page.token
-        if not page_token:
-            break
-
+    runs = runs_tagged(client, experiment.experiment_id, wanted)
     finished = [r for r in runs if r.info.status == "FINISHED"]
     where = f"experiment '{experiment.name}' (id {experiment.experiment_id})"
     if not finished:
