@@ -25,13 +25,7 @@ from trainyard.config.parse_cache import ParseCache, default_cache_dir
 from trainyard.handoff import PROMOTE_TASK, TRAIN_TASK, VALIDATE_TASK
 from trainyard.loader_files import Shard, shard_of_loader
 from trainyard.notify import run_failed_callback
-from trainyard.promote.operator import (
-    APPROVE_TASK,
-    MOVE_ALIAS_TASK,
-    ApproveOperator,
-    MoveAliasOperator,
-    PromoteOperator,
-)
+from trainyard.promote.operator import PromoteOperator
 from trainyard.train.local import LocalTrainOperator
 from trainyard.validate.operator import ValidateDataOperator
 from trainyard.validate.trigger_conf import PARAM_SCHEMA_DIALECT, param_schemas
@@ -162,6 +156,13 @@ def build_dag(pipeline: ResolvedPipeline) -> DAG:
         validate >> train >> promote
         policy = cfg.promotion.approval
         if policy is not None and policy.required:
+            from trainyard.promote.approval_operator import (
+                APPROVE_TASK,
+                MOVE_ALIAS_TASK,
+                ApproveOperator,
+                MoveAliasOperator,
+            )
+
             approve = ApproveOperator(task_id=APPROVE_TASK, pipeline=pipeline)
             promote >> approve >> MoveAliasOperator(task_id=MOVE_ALIAS_TASK, pipeline=pipeline)
     # Set after the tasks exist: Airflow deep-copies a DAG's params into each operator once per

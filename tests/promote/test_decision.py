@@ -204,6 +204,7 @@ def test_modules_import_without_mlflow():
         "trainyard.promote.registry",
         "trainyard.promote.promote",
         "trainyard.promote.operator",
+        "trainyard.promote.approval_operator",
     ]
     code = (
         "import importlib, sys\n"
