@@ -163,7 +163,7 @@ class ResolvedPipeline:
         data = self.data_spec
         uris = []
         for location in dict.fromkeys((data.train_uri, data.validation_uri)):
-            if location.startswith("file://") or "://" in location:
+            if "://" in location:
                 uris.append(location)
             else:
                 uris.append(Path(location).absolute().as_uri())

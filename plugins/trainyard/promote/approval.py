@@ -48,8 +48,7 @@ def sign_off_from_answer(answer: dict[str, Any] | None, approvers: tuple[str, ..
         return SignOff(state=APPROVAL_TIMED_OUT, by=None, at=str((answer or {}).get("at") or now))
     user = answer.get("responded_by_user") or {}
     by = user.get("name") or user.get("id")
-    at = answer.get("responded_at") or now
-    at = at.isoformat() if hasattr(at, "isoformat") else str(at)
+    at = str(answer.get("responded_at") or now)  # ISO 8601: the approve task's result is JSON
     comment = ((answer.get("params_input") or {}).get(COMMENT_PARAM) or "").strip() or None
     chosen = answer.get("chosen_options") or []
     if chosen == [APPROVE]:
