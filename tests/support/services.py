@@ -229,16 +229,25 @@ def start_moto(services: Services, port: int, env: Mapping[str, str]) -> str:
 
 
 def start_mlflow(
-    services: Services, port: int, backend_db: Path, artifacts_destination: str, env: Mapping[str, str]
+    services: Services,
+    port: int,
+    backend_db: Path,
+    artifacts_destination: str,
+    env: Mapping[str, str],
+    *,
+    app_name: str | None = None,
+    timeout: float = 120,
 ) -> str:
     """An MLflow tracking server with proxied artifacts (``--serve-artifacts``); returns its URL.
 
     ``env`` must carry ``MLFLOW_S3_ENDPOINT_URL`` and AWS credentials when the destination is s3://.
+    ``app_name`` runs one of MLflow's server apps (``basic-auth``: its config path goes in ``env``).
     """
     url = f"http://127.0.0.1:{port}"
     argv = [
         str(VENV_BIN / "mlflow"),
         "server",
+        *(["--app-name", app_name] if app_name else []),
         "--backend-store-uri",
         f"sqlite:///{backend_db}",
         "--artifacts-destination",
@@ -252,7 +261,7 @@ def start_mlflow(
         str(port),
     ]
     services.start("mlflow", argv, {"MLFLOW_DISABLE_TELEMETRY": "true", **env})
-    services.wait_http("mlflow", f"{url}/health", timeout=120)
+    services.wait_http("mlflow", f"{url}/health", timeout=timeout)
     return url
 
 

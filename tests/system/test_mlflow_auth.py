@@ -116,23 +116,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     base = tmp_path_factory.mktemp("mlflow-auth")
     port = svc.free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = [
-        str(svc.VENV_BIN / "mlflow"),
-        "server",
-        "--app-name",
-        "basic-auth",
-        "--backend-store-uri",
-        f"sqlite:///{base / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(base / "artifacts"),
-        "--serve-artifacts",
-        "-w",
-        "1",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
     env = svc.clean_env(
         {
             "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -150,8 +133,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     pipeline.pop("environments", None)
     (dags / "pipelines" / f"{PIPELINE}.yaml").write_text(yaml.safe_dump(pipeline))
     with svc.Services(base / "logs") as services:
-        services.start("mlflow", argv, env)
-        services.wait_http("mlflow", f"{url}/health", timeout=180)
+        svc.start_mlflow(
+            services,
+            port,
+            base / "mlflow.db",
+            str(base / "artifacts"),
+            env,
+            app_name="basic-auth",
+            timeout=180,
+        )
         yield Server(url, dags)
 
 
