@@ -137,6 +137,35 @@ class Hyperparameters(StrictModel):
     checkpoint_every_steps: int = Field(
         200, ge=1, le=1_000_000, description="Save a resumable checkpoint every N optimizer steps."
     )
+    # -- speed: the defaults are the fast choice; each is recorded in the run's MLflow params -----
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together: less padding per batch."
+    )
+    padding_free: Literal["auto", "off"] = Field(
+        "auto",
+        description=(
+            "auto = pack each batch into one padding-free row when the model's attention supports "
+            "it (else dynamic padding; the choice is logged); off = always dynamic padding."
+        ),
+    )
+    attention: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="Attention kernel: PyTorch scaled_dot_product_attention, or eager."
+    )
+    tf32: bool = Field(True, description="TF32 matmuls on GPUs that have them (Ampere and newer).")
+    optimizer: Literal["adamw_fused", "adamw"] = Field(
+        "adamw_fused", description="AdamW in one fused kernel per step, or the per-tensor loop."
+    )
+    compile: bool = Field(False, description="torch.compile the model (slower start, faster steps).")
+    dataloader_workers: int | None = Field(
+        None, ge=0, le=64, description="Data-loader worker processes per rank; default 2 on GPU, 0 on CPU."
+    )
+    eval_batch_size: int | None = Field(
+        None, ge=1, le=16384, description="Examples per device per evaluation step; default 2x batch_size."
+    )
+    class_weights: Literal["auto", "none"] = Field(
+        "none",
+        description="auto = weight the loss by inverse class frequency (for skewed labels); none = plain.",
+    )
 
 
 class ModelSpec(StrictModel):
