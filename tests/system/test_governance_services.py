@@ -138,6 +138,29 @@ class Stack:
                 parts += [f"----- {path.relative_to(root)}", svc.tail(path, 15)]
         return "\n".join(parts)
 
+    def wait_parked(self, dag_id: str, run_id: str, task_id: str = "approve") -> None:
+        """Wait until the task is in awaiting_input and the scheduler has seen its worker exit.
+
+        Airflow 3.3 races here: the worker that parks the task exits with success, and if an answer
+        re-queues the task before the scheduler has processed that exit, the scheduler takes the
+        stale event for the new attempt ("state mismatch") and fails the task. A person answers
+        minutes later; a test answers within a second, so it waits for the scheduler's
+        "TaskInstance Finished" line for the parked attempt first.
+        """
+        self.wait_task(dag_id, run_id, task_id, {"awaiting_input"})
+        log = self.services.started["scheduler"].log_path
+        line = f"TaskInstance Finished: dag_id={dag_id}, task_id={task_id}, run_id={run_id},"
+        self.services.wait_until(
+            f"the scheduler to process the exit of {dag_id}/{run_id}/{task_id}",
+            lambda: any(
+                line in row and ", state=awaiting_input," in row
+                for row in log.read_text(errors="replace").splitlines()
+            ),
+            timeout=120,
+            watch=["scheduler"],
+            interval=1,
+        )
+
     def answer(self, dag_id: str, run_id: str, option: str, comment: str) -> dict:
         return self.call(
             "PATCH",
@@ -242,8 +265,10 @@ def _mails(stack: Stack, subject_part: str, timeout: float = 60) -> list:
 
 def test_approve_reject_and_timeout_on_real_services(stack):
     runs = {name: stack.trigger(name) for name in ("approve-me", "reject-me", "time-me-out")}
-    for name, run_id in runs.items():
-        stack.wait_task(name, run_id, "approve", {"awaiting_input", "success", "failed"})
+    for name in ("approve-me", "reject-me"):
+        stack.wait_parked(name, runs[name])
+    stack.wait_task("time-me-out", runs["time-me-out"], "approve", {"awaiting_input", "success", "failed"})
+    for name in runs:
         assert stack.alias_holder(name) is None, "nothing moves while a person is asked"
 
     page = html.unescape(_mails(stack, "approve-me: approval waiting")[0].body)
