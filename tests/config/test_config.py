@@ -185,13 +185,40 @@ def test_all_problems_are_reported_at_once(config_dirs):
 def test_resources_over_the_environment_caps(config_dirs):
     pipelines, environments = config_dirs
     _edit(pipelines / DEMO, "  gpus: 1", "  gpus: 4")
-    _edit(pipelines / DEMO, "  memory: 16Gi", "  memory: 128Gi")
+    _edit(pipelines / DEMO, "  gpu_type: a100\n", "  gpu_type: a100\n  memory: 128Gi\n")
     _load(pipelines, environments, "local")  # no caps on one machine
     _load(pipelines, environments, "prod")  # prod allows 8 GPUs and 512Gi
     error = _error(pipelines, environments, "dev")
     messages = {p.path: p.message for p in error.problems}
     assert "4 GPUs exceed the cap of 2 in 'dev'" in messages["resources.gpus"]
     assert "128Gi exceeds the cap of 64Gi in 'dev'" in messages["resources.memory"]
+    assert set(messages) == {"resources.gpus", "resources.memory"}, (
+        "cpu and shm_size follow the GPU count: its own error covers them"
+    )
+
+
+def test_a_default_that_follows_gpus_past_a_cap_names_the_default_the_cap_and_the_fix(config_dirs, capsys):
+    """Not clamped: a pod quietly smaller than its GPUs need would fail at run time instead."""
+    pipelines, environments = config_dirs
+    _edit(environments / "dev.yaml", 'caps: {gpus: 2, cpu: "16"', 'caps: {gpus: 2, cpu: "6"')
+    _edit(pipelines / DEMO, "  gpus: 1", "  gpus: 2")
+    error = _error(pipelines, environments, "dev")
+    (problem,) = error.problems
+    assert problem.path == "resources.cpu"
+    assert problem.message == (
+        "not set, so it follows gpus: 8 (4 per GPU x 2 GPUs), which exceeds the cap of 6 in 'dev'"
+    )
+    assert problem.suggestion == "set resources.cpu to at most 6, or ask the platform team to raise caps.cpu"
+    assert problem.line == _line_of(pipelines / DEMO, "resources:"), "the section the field is missing from"
+    assert cli(["lint"]) == 1
+    assert "resources.cpu: not set, so it follows gpus: 8" in capsys.readouterr().err
+
+    _edit(pipelines / DEMO, "  gpu_type: a100\n", '  gpu_type: a100\n  cpu: "6"\n')
+    assert _load(pipelines, environments, "dev").config.resources.effective == {
+        "cpu": "6",
+        "memory": "32Gi",
+        "shm_size": "4Gi",
+    }, "a written value wins; the others still follow gpus"
 
 
 def test_unknown_gpu_type(config_dirs):

@@ -25,6 +25,13 @@ def _pipeline(config_dirs, env: str):
     )
 
 
+def _edit_pipeline(pipelines, old: str, new: str) -> None:
+    path = pipelines / "tweet-sentiment.yaml"
+    text = path.read_text()
+    assert old in text, f"fixture text not found: {old!r}"
+    path.write_text(text.replace(old, new, 1))
+
+
 def _container(pod: dict) -> dict:
     (container,) = pod["spec"]["containers"]
     return container
@@ -117,6 +124,7 @@ def test_secrets_are_references_never_values(config_dirs):
         "TRAINYARD_ENV": "prod",
         "HF_HOME": "/cache/huggingface",
         "TRAINYARD_SCRATCH": "/scratch",
+        "NCCL_DEBUG": "WARN",  # kubernetes.env's default: a failing collective says why
     }, "only these settings are literal values: no credential, no AWS_* key"
     assert len(container["env"]) == len(references) + len(literals), "each name once"
 
@@ -180,6 +188,74 @@ def test_more_gpus_run_torchrun_with_one_process_per_gpu(config_dirs):
         "trainer",
     ]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+
+
+def _resources(container: dict, pod: dict) -> tuple[dict, str]:
+    resources = container["resources"]
+    assert resources["requests"] == resources["limits"], "Guaranteed QoS: requests = limits"
+    (shm,) = [v for v in pod["spec"]["volumes"] if v["name"] == "dshm"]
+    return resources["limits"], shm["emptyDir"]["sizeLimit"]
+
+
+@pytest.mark.parametrize(
+    ("written", "limits", "shm"),
+    [
+        ("  gpus: 2\n", {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "2"}, "4Gi"),
+        # Written values win; an unwritten shm_size stays within a quarter of a written memory.
+        (
+            '  gpus: 2\n  cpu: "6"\n  memory: 12Gi\n',
+            {"cpu": "6", "memory": "12Gi", "nvidia.com/gpu": "2"},
+            "3Gi",
+        ),
+        ("  gpus: 0\n", {"cpu": "4", "memory": "16Gi"}, "2Gi"),  # a CPU-only pod: what one rank gets
+    ],
+)
+def test_pod_cpu_memory_and_shm_follow_gpus_unless_written(config_dirs, written, limits, shm):
+    pipelines, _ = config_dirs
+    _edit_pipeline(pipelines, "  gpus: 1\n", written)
+    pod = render_pod(_pipeline(config_dirs, "dev"))
+    assert _resources(_container(pod), pod) == (limits, shm)
+
+
+def test_environment_env_reaches_the_pod_and_never_replaces_the_trainers_own(config_dirs):
+    _, environments = config_dirs
+    path = environments / "prod.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["kubernetes"]["env"] = {
+        "NCCL_NVLS_ENABLE": 0,
+        "NCCL_DEBUG": "INFO",
+        "CUDA_DEVICE_MAX_CONNECTIONS": 1,
+    }
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    pipeline = _pipeline(config_dirs, "prod")
+    env = _container(render_pod(pipeline))["env"]
+    assert [e["name"] for e in env][:8] == [
+        "PYTHONUNBUFFERED",
+        "TOKENIZERS_PARALLELISM",
+        "HF_HUB_DISABLE_PROGRESS_BARS",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS",
+        "MLFLOW_DISABLE_TELEMETRY",
+        "TRAINYARD_ENV",
+        "HF_HOME",
+        "TRAINYARD_SCRATCH",
+    ], "the trainer's own come first, unchanged"
+    assert env[8:] == [
+        {"name": "NCCL_DEBUG", "value": "INFO"},
+        {"name": "NCCL_NVLS_ENABLE", "value": "0"},
+        {"name": "CUDA_DEVICE_MAX_CONNECTIONS", "value": "1"},
+    ]
+
+    # The schema refuses the trainer's names; should the trainer ever set an allow-listed one itself,
+    # its value still wins. Validation is bypassed (model_copy) to build that environment.
+    from dataclasses import replace
+
+    from trainyard.train.pod import pod_kwargs
+
+    k8s = pipeline.environment.kubernetes.model_copy(update={"env": {"TRAINYARD_ENV": "x", "HF_HOME": "/x"}})
+    forged = replace(pipeline, environment=pipeline.environment.model_copy(update={"kubernetes": k8s}))
+    values = {v.name: v.value for v in pod_kwargs(forged)["env_vars"]}
+    assert (values["TRAINYARD_ENV"], values["HF_HOME"]) == ("prod", "/cache/huggingface")
+    assert len(values) == len(pod_kwargs(forged)["env_vars"]), "each name once"
 
 
 def test_conf_overrides_reach_the_pod_only_as_validated_hyperparameters(config_dirs):

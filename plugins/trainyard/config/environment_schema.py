@@ -184,6 +184,48 @@ class KueueSettings(StrictModel):
     )
 
 
+#: Plain variables an environment may add to its training pods: communication and runtime knobs
+#: (NCCL, torch.distributed, CUDA, thread counts, the CUDA caching allocator) that a cluster can
+#: need without a new image. Everything else is the trainer's own (TRAINYARD_*, HF_*, MLFLOW_*,
+#: PYTHON*), a credential (kubernetes.secrets), or changes what code runs (LD_PRELOAD, PATH).
+POD_ENV_FAMILIES = (
+    "NCCL_*",
+    "TORCH_NCCL_*",
+    "TORCH_DISTRIBUTED_*",
+    "CUDA_*",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "PYTORCH_CUDA_ALLOC_CONF",
+)
+POD_ENV_NAME = re.compile(
+    "^(" + "|".join(re.escape(f).replace(r"\*", "[A-Z0-9_]+") for f in POD_ENV_FAMILIES) + ")$"
+)
+#: Names inside those families that are still not an environment's to set, and why.
+POD_ENV_REFUSED = {
+    "CUDA_VISIBLE_DEVICES": "the device plugin gives the pod its GPUs and torchrun maps one to each rank",
+    "CUDA_INJECTION64_PATH": "it loads a library into every CUDA process; build tools into the image",
+}
+#: What every training pod gets unless ``kubernetes.env`` says otherwise: NCCL is silent by default,
+#: so a failing collective would end the rank with no reason in the pod's log.
+POD_ENV_DEFAULTS = {"NCCL_DEBUG": "WARN"}
+
+
+def check_pod_env(env: dict[str, Any]) -> dict[str, str]:
+    """``kubernetes.env``: allow-listed names, string values (YAML numbers are written as text)."""
+    checked = {}
+    for name, value in env.items():
+        if name in POD_ENV_REFUSED or not POD_ENV_NAME.match(str(name)):
+            why = POD_ENV_REFUSED.get(name) or (
+                "training pods take only " + ", ".join(POD_ENV_FAMILIES) + " from the environment: the "
+                "trainer sets its own variables and credentials go in kubernetes.secrets"
+            )
+            raise ValueError(f"'{name}' cannot be set here: {why}")
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError(f"{name}: {value!r} is not a string or number; quote it (e.g. '1')")
+        checked[name] = str(value)
+    return checked
+
+
 class KubernetesSettings(StrictModel):
     namespace: str = Field(pattern=DNS_LABEL)
     image: str = Field(description="Trainer image, pinned by tag (not 'latest') or by digest.")
@@ -203,6 +245,11 @@ class KubernetesSettings(StrictModel):
     )
     tolerations: tuple[Toleration, ...] = ()
     secrets: Secrets = Secrets()
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Plain variables for training pods (NCCL_*, TORCH_NCCL_*, CUDA_*, ...); "
+        "NCCL_DEBUG defaults to WARN.",
+    )
     caps: Caps = Caps()
     run_as_user: int = Field(1000, ge=1, description="Must match the trainer image's user.")
     run_as_group: int = Field(1000, ge=1)
@@ -232,6 +279,25 @@ class KubernetesSettings(StrictModel):
             )
             data["gpu_types"] = {k: {"node_labels": v} for k, v in old.items()}
         return data
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _pod_env(cls, env: Any) -> Any:
+        return check_pod_env(env) if isinstance(env, dict) else env
+
+    @model_validator(mode="after")
+    def _env_once(self) -> KubernetesSettings:
+        twice = sorted(set(self.env) & set(self.secrets.env))
+        if twice:
+            raise ValueError(
+                f"{', '.join(twice)} set in both kubernetes.env and kubernetes.secrets.env; keep one"
+            )
+        return self
+
+    @property
+    def pod_env(self) -> dict[str, str]:
+        """The plain variables this environment adds to each training pod, defaults included."""
+        return {**POD_ENV_DEFAULTS, **self.env}
 
     @field_validator("gpu_types")
     @classmethod

@@ -20,7 +20,7 @@ from trainyard import paths
 from trainyard.config.environment_schema import EnvironmentConfig
 from trainyard.config.errors import ConfigError, Loc, Problem, problems_from_validation, suggest_key
 from trainyard.config.parse_cache import ParseCache
-from trainyard.config.pipeline_schema import DEPRECATED_FIELDS, PipelineConfig
+from trainyard.config.pipeline_schema import DEPRECATED_FIELDS, RESOURCE_FIELDS, PipelineConfig
 from trainyard.config.yaml_source import line_index, nearest_line, read_mapping
 
 ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -213,9 +213,13 @@ def environment_limits(config: PipelineConfig, environment: EnvironmentConfig) -
                 f"ask for at most {k8s.caps.gpus} or ask the platform team to raise caps.gpus",
             )
         )
-    for field in ("cpu", "memory", "shm_size"):
-        wanted, cap = getattr(res, field), getattr(k8s.caps, field)
-        if parse_quantity(wanted) > parse_quantity(cap):
+    for field in RESOURCE_FIELDS:
+        wanted, cap = res.resolved(field), getattr(k8s.caps, field)
+        if parse_quantity(wanted) <= parse_quantity(cap):
+            continue
+        if res.gpus > k8s.caps.gpus and res.is_derived(field):
+            continue  # follows the GPU count reported above: fixing that fixes this
+        if not res.is_derived(field):
             found.append(
                 (
                     ("resources", field),
@@ -223,6 +227,17 @@ def environment_limits(config: PipelineConfig, environment: EnvironmentConfig) -
                     f"ask for at most {cap}",
                 )
             )
+            continue
+        # Not clamped: a pod quietly sized below what its GPUs need fails later (OOMKilled, starved
+        # data loaders); here the owner chooses the size, or the platform team raises the cap.
+        found.append(
+            (
+                ("resources", field),
+                f"not set, so it follows gpus: {wanted} ({res.derivation(field)}), which exceeds the cap "
+                f"of {cap} in '{environment.name}'",
+                f"set resources.{field} to at most {cap}, or ask the platform team to raise caps.{field}",
+            )
+        )
     # Pods cannot see the Airflow worker's disk: data and base models must be in object storage.
     for loc, resolved, _ in storage_locations(config, environment):
         if not resolved.startswith("s3://"):

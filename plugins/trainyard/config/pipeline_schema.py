@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
@@ -107,14 +108,105 @@ class DatasetConfig(StrictModel):
         return self.format or file_format(self.train)  # type: ignore[return-value]
 
 
+#: What one rank (one GPU) needs from its pod when ``resources`` leaves cpu/memory/shm_size unset.
+#: cpu: the rank's Python step loop plus its 2 DataLoader workers (the trainer's default on GPU)
+#: and its pin-memory thread. memory: a CUDA process holds several GiB of host RSS, the rank has a
+#: CPU copy of the model while loading it (BERT-large in fp32: 1.3 GB), the workers hold tokenized
+#: batches, rank 0 stages the checkpoint (weights plus AdamW moments) on the host, and the
+#: memory-backed /dev/shm counts against the same limit. shm_size: NCCL's shared-memory buffers and
+#: the workers' collated batches, which are small for text. Scaled by max(gpus, 1): a CPU-only pod
+#: (gpus: 0) gets what one rank gets. 8 GPUs get 32 CPUs and 128Gi: well inside the 96+ vCPUs and
+#: 680+ GiB of the usual 8-GPU node types, so the pod still fits beside the node's daemons.
+PER_GPU_DEFAULTS: dict[str, str] = {"cpu": "4", "memory": "16Gi", "shm_size": "2Gi"}
+#: A derived /dev/shm is at most this share of the pod's memory (it counts against that limit).
+SHM_SHARE_OF_MEMORY = Decimal(1) / 4
+RESOURCE_FIELDS = tuple(PER_GPU_DEFAULTS)
+
+_SUFFIXES = {
+    "": 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+    "E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}  # fmt: skip
+
+
+def quantity_value(text: str) -> Decimal:
+    """A quantity accepted by ``quantity`` as a number (cores or bytes)."""
+    match = K8S_QUANTITY.match(text)
+    if match is None:
+        raise ValueError(f"'{text}' is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)")
+    return Decimal(match.group(1)) * _SUFFIXES[match.group(3) or ""]
+
+
+def _bytes_quantity(value: Decimal) -> str:
+    """Bytes as the largest binary unit that writes them whole (Gi, Mi, else Ki or bytes)."""
+    whole = int(value)
+    for suffix in ("Gi", "Mi", "Ki"):
+        unit = _SUFFIXES[suffix]
+        if whole >= unit and whole % unit == 0:
+            return f"{whole // unit}{suffix}"
+    return str(whole)
+
+
+def _optional_quantity(value: Any) -> str | None:
+    return None if value is None else quantity(value)
+
+
 class Resources(StrictModel):
+    """The training pod's size. cpu, memory and shm_size left out (null) scale with ``gpus``."""
+
     gpus: int = Field(1, ge=0, le=64, description="GPUs per training pod (torchrun when > 1).")
     gpu_type: str | None = Field(None, description="Key into the environment's GPU node-selector map.")
-    cpu: str = Field("4", description="CPU request and limit (Kubernetes quantity).")
-    memory: str = Field("16Gi", description="Memory request and limit (Kubernetes quantity).")
-    shm_size: str = Field("2Gi", description="Size of /dev/shm for data-loader workers.")
+    cpu: str | None = Field(
+        None, description="CPU request and limit (Kubernetes quantity); null = 4 per GPU (4 without GPUs)."
+    )
+    memory: str | None = Field(
+        None,
+        description="Memory request and limit (Kubernetes quantity); null = 16Gi per GPU (16Gi without).",
+    )
+    shm_size: str | None = Field(
+        None,
+        description="Size of /dev/shm (memory-backed, counts against memory); null = 2Gi per GPU, "
+        "at most a quarter of memory.",
+    )
 
-    _quantities = field_validator("cpu", "memory", "shm_size", mode="before")(quantity)
+    _quantities = field_validator("cpu", "memory", "shm_size", mode="before")(_optional_quantity)
+
+    @model_validator(mode="after")
+    def _shm_fits_in_memory(self) -> Resources:
+        shm, memory = self.resolved("shm_size"), self.resolved("memory")
+        if quantity_value(shm) > quantity_value(memory):
+            raise ValueError(
+                f"shm_size {shm} is more than memory {memory}: /dev/shm is memory-backed and counts "
+                "against the pod's memory limit; lower shm_size or raise memory"
+            )
+        return self
+
+    def is_derived(self, field: str) -> bool:
+        """Whether ``field`` (cpu, memory or shm_size) was left out and follows ``gpus``."""
+        return getattr(self, field) is None
+
+    def resolved(self, field: str) -> str:
+        """The quantity the pod gets for ``field``: as written, else derived from ``gpus``."""
+        written = getattr(self, field)
+        if written is not None:
+            return written
+        per_gpu = quantity_value(PER_GPU_DEFAULTS[field])
+        scaled = per_gpu * max(self.gpus, 1)
+        if field == "cpu":
+            return str(int(scaled)) if scaled == int(scaled) else f"{int(scaled * 1000)}m"
+        if field == "shm_size":
+            scaled = min(scaled, quantity_value(self.resolved("memory")) * SHM_SHARE_OF_MEMORY)
+        return _bytes_quantity(scaled)
+
+    def derivation(self, field: str) -> str:
+        """How the default of ``field`` follows ``gpus``, for messages ("4 per GPU x 8 GPUs")."""
+        count = f"{self.gpus} GPUs" if self.gpus > 1 else "1 GPU" if self.gpus else "no GPU, counted as 1"
+        rule = f"{PER_GPU_DEFAULTS[field]} per GPU x {count}"
+        return f"{rule}, at most a quarter of memory" if field == "shm_size" else rule
+
+    @property
+    def effective(self) -> dict[str, str]:
+        """cpu, memory and shm_size as the pod gets them (what ``trainyard render`` shows)."""
+        return {field: self.resolved(field) for field in RESOURCE_FIELDS}
 
 
 #: Old field names still accepted, with what to write instead (``trainyard lint`` and the DAG

@@ -93,7 +93,9 @@ def pod_kwargs(pipeline: ResolvedPipeline) -> dict[str, Any]:
     k8s_env = pipeline.environment.kubernetes
     assert k8s_env is not None, "kubernetes launcher without a kubernetes section"
     res = pipeline.config.resources
-    quantities = {"cpu": res.cpu, "memory": res.memory}
+    # Left out of the YAML, cpu, memory and shm_size follow the GPU count (Resources.resolved).
+    quantities = {"cpu": res.resolved("cpu"), "memory": res.resolved("memory")}
+    shm_size = res.resolved("shm_size")
     if res.gpus:
         quantities["nvidia.com/gpu"] = str(res.gpus)
     secrets = k8s_env.secrets
@@ -137,7 +139,7 @@ def pod_kwargs(pipeline: ResolvedPipeline) -> dict[str, Any]:
         or None,
         "volumes": [
             k8s.V1Volume(
-                name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=res.shm_size)
+                name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=shm_size)
             ),
             k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource()),
             k8s.V1Volume(name="cache", empty_dir=k8s.V1EmptyDirVolumeSource()),
@@ -180,9 +182,13 @@ def pod_kwargs(pipeline: ResolvedPipeline) -> dict[str, Any]:
 
 
 def _plain_env(pipeline: ResolvedPipeline) -> dict[str, str]:
-    """The local launcher's env plus writable cache locations (the root filesystem is read-only)."""
-    return {
+    """The local launcher's env plus writable cache locations (the root filesystem is read-only),
+    then the environment's ``kubernetes.env`` (NCCL and the like), which never replaces the former."""
+    own = {
         **trainer_env(pipeline.environment.name),
         "HF_HOME": f"{CACHE_DIR}/huggingface",
         "TRAINYARD_SCRATCH": SCRATCH_DIR,
     }
+    k8s_env = pipeline.environment.kubernetes
+    extra = k8s_env.pod_env if k8s_env is not None else {}
+    return {**own, **{name: value for name, value in extra.items() if name not in own}}
