@@ -134,9 +134,12 @@ def label_mapping(values: list[Any], data: DataSpec, split: str) -> dict[Any, in
 
 
 def tokenize(dataset, tokenizer, max_length: int):
-    """Token ids truncated to ``max_length``; padding happens per batch (``DataCollatorWithPadding``)."""
+    """Token ids truncated to ``max_length``, and each example's token count (``length``: what the
+    length-grouped sampler batches by); padding happens per batch (``DataCollatorWithPadding``)."""
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        return tokenizer(batch["text"], truncation=True, max_length=max_length)
+        encoded = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+        return encoded
 
     return dataset.map(encode, batched=True, remove_columns=["text"], desc="tokenize")

@@ -202,8 +202,9 @@ def _predict(
     from transformers import DataCollatorWithPadding
 
     from trainer.data import tokenize
+    from trainer.speed import LENGTH_COLUMN
 
-    encoded = tokenize(validation, tokenizer, max_length).remove_columns(["labels"])
+    encoded = tokenize(validation, tokenizer, max_length).remove_columns(["labels", LENGTH_COLUMN])
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if precision != "fp32" else None)
     loader = DataLoader(encoded, batch_size=batch_size, shuffle=False, collate_fn=collator)
     dtype = getattr(torch, _LOW_PRECISION[precision]) if precision in _LOW_PRECISION else None

@@ -141,13 +141,6 @@ class Hyperparameters(StrictModel):
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together: less padding per batch."
     )
-    padding_free: Literal["auto", "off"] = Field(
-        "auto",
-        description=(
-            "auto = pack each batch into one padding-free row when the model's attention supports "
-            "it (else dynamic padding; the choice is logged); off = always dynamic padding."
-        ),
-    )
     attention: Literal["sdpa", "eager"] = Field(
         "sdpa", description="Attention kernel: PyTorch scaled_dot_product_attention, or eager."
     )

@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 
 from trainer.checkpoints import checkpoint_step
 from trainer.errors import Terminated, describe, exit_code_for
+from trainer.metrics_queue import MetricsQueue
 from trainer.spec import (
     ERROR_TAGS,
     MODEL_ARTIFACT,
@@ -52,8 +53,12 @@ STEP_METRICS = ("loss", "learning_rate", "grad_norm", "epoch")
 
 
 def pip_requirements() -> list[str]:
-    # "2.13.0+cpu" -> "2.13.0": a local version label would not resolve on a serving image's index.
-    return [f"{name}=={version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
+    """Each package at the release it was trained with, as a serving environment can install it:
+    "2.13.0+cu128" -> "2.13.0" (a local label resolves on no public index), and a vendor build such
+    as "2.7.0a0+79aa174.nv25.04" -> "2.7.0" (its base release, not an uninstallable pre-release)."""
+    from packaging.version import Version
+
+    return [f"{name}=={Version(version(name)).base_version}" for name in MODEL_REQUIREMENTS]
 
 
 def run_params(spec: RunSpec, train_rows: int, validation_rows: int, precision: str) -> dict[str, Any]:
@@ -82,6 +87,7 @@ class Tracker:
         self.spec = spec
         self.enabled = enabled
         self.run_id: str | None = None
+        self._steps: MetricsQueue | None = None
 
     def start(self, previous_run_id: str | None, resumed_from_step: int | None) -> str | None:
         if not self.enabled:
@@ -98,8 +104,10 @@ class Tracker:
             run_id=run_id,
             experiment_id=experiment_id,
             run_name=None if run_id else f"{identity.pipeline}-{identity.run_id}",
+            log_system_metrics=_gpu_present(),  # GPU utilisation and memory, CPU, host memory
         )
         self.run_id = run.info.run_id
+        self._steps = MetricsQueue(_batch_sender(self.run_id))
         tags = run_tags(
             identity, self.spec.dataset_fingerprint, team=self.spec.team, content_key=self.spec.content_key
         )
@@ -201,6 +209,17 @@ class Tracker:
         if numeric:
             mlflow.log_metrics(numeric, step=step)
 
+    def log_step_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        """Metrics of a training step: queued and sent in the background (``trainer.metrics_queue``),
+        so an unreachable tracking server delays them but never stalls or fails training."""
+        if not self.enabled or self._steps is None:
+            return
+        numeric = {
+            k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        if numeric:
+            self._steps.put(numeric, step)
+
     def log_dict(self, data: dict, artifact_file: str) -> None:
         if self.enabled:
             import mlflow
@@ -244,6 +263,9 @@ class Tracker:
             return
         import mlflow
 
+        if self._steps is not None:
+            self._steps.close()
+            self._steps = None
         mlflow.end_run(status=status)
         logger.info("MLflow run %s ended: %s", self.run_id, status)
         self.run_id = None
@@ -306,6 +328,25 @@ def _end_failed(tracker: Tracker, store: CheckpointStore, error: BaseException, 
         logger.exception("Could not record the failure on the MLflow run")
 
 
+def _gpu_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _batch_sender(run_id: str):
+    """One ``log_batch`` call per batch of queued step metrics, with its own client (thread-safe)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient()
+
+    def send(batch: list[tuple[str, float, int, int]]) -> None:
+        client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v, step, ts in batch])
+
+    return send
+
+
 def save_for_serving(model, tokenizer, max_length: int, directory: Path) -> None:
     """Weights and tokenizer as ``from_pretrained`` loads them, the tokenizer's ``model_max_length``
     set to ``max_length``: whoever loads the directory with transformers and ``truncation=True``
@@ -320,12 +361,13 @@ def save_for_serving(model, tokenizer, max_length: int, directory: Path) -> None
 
 
 class MlflowMetricsCallback(TrainerCallback):
-    """Sends the Trainer's per-logging-step loss, learning rate and grad norm to MLflow."""
+    """Sends the Trainer's per-logging-step loss, learning rate and grad norm to MLflow (queued: see
+    ``Tracker.log_step_metrics``)."""
 
     def __init__(self, tracker: Tracker) -> None:
         self.tracker = tracker
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs and "loss" in logs:
-            self.tracker.log_metrics({k: logs[k] for k in STEP_METRICS if k in logs}, step=state.global_step)
+            self.tracker.log_step_metrics({k: logs[k] for k in STEP_METRICS if k in logs}, state.global_step)
         return control

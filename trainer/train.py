@@ -15,20 +15,20 @@ SIGTERM) with the error, the stage it happened in and the exit code recorded on 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import itertools
 import logging
 import math
 import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from transformers import TrainerCallback
 
-from trainer import tracking
+from trainer import class_weights, tracking
 from trainer.checkpoints import (
     CheckpointStore,
     MirrorCallback,
@@ -38,6 +38,7 @@ from trainer.checkpoints import (
     training_complete,
 )
 from trainer.data import load_splits, tokenize
+from trainer.efficiency import ProgressCallback, chunks, padding_fraction, peak_flops, trainable_parameters
 from trainer.errors import TrainerInputError
 from trainer.preemption import Preemption
 from trainer.runtime import Processes, configure_libraries, resolve_precision
@@ -50,6 +51,7 @@ from trainer.spec import (
     STAGE_TRAINING,
     RunSpec,
 )
+from trainer.speed import LENGTH_COLUMN, SpeedPlan, log_plan, plan_speed, why_not_packed
 from trainer.storage import is_s3, storage_options
 from trainer.tracking import MlflowMetricsCallback, Tracker, run_params
 
@@ -71,6 +73,7 @@ class Plan:
     store: CheckpointStore
     samples_per_step: int
     total_steps: int
+    speed: SpeedPlan
     args: TrainingArguments
 
 
@@ -110,10 +113,10 @@ def run(spec: RunSpec, preemption: Preemption) -> dict[str, Any] | None:
     max_length = fitting_max_length(spec, model)
     encoded = tokenize_data(data, tokenizer, max_length, plan)
     tracker = Tracker(spec, enabled=processes.is_main)
-    trainer = build_trainer(plan, model, tokenizer, encoded, tracker=tracker, preemption=preemption)
+    trainer = build_trainer(spec, plan, model, tokenizer, encoded, tracker=tracker, preemption=preemption)
 
     with tracking.mlflow_run(tracker, plan.store, start.step, preemption) as mlflow_run:
-        log_inputs(tracker, spec, data, precision)
+        log_inputs(tracker, spec, data, plan)
         mlflow_run.stage = STAGE_TRAINING
         trained = train_unless_complete(trainer, spec, plan, start, tracker=tracker, preemption=preemption)
         mlflow_run.trained_step = trained.global_step
@@ -160,6 +163,15 @@ def plan_training(spec: RunSpec, data, processes: Processes, precision: str) -> 
     from transformers import TrainingArguments
 
     hp = spec.hyperparameters
+    cuda = torch.cuda.is_available()
+    speed = plan_speed(
+        hp,
+        cuda=cuda,
+        tf32_available=_tf32_available(),
+        not_packed=why_not_packed(
+            hp.attention, cuda=cuda, flash_attn_installed=importlib.util.find_spec("flash_attn") is not None
+        ),
+    )
     store = CheckpointStore(spec.checkpoint_dir, spec.s3_endpoint_url)
     samples_per_step = hp.batch_size * hp.gradient_accumulation_steps * processes.world_size
     updates_per_epoch = math.ceil(data["train"].num_rows / samples_per_step)
@@ -169,7 +181,6 @@ def plan_training(spec: RunSpec, data, processes: Processes, precision: str) -> 
         num_train_epochs=hp.epochs,
         max_steps=hp.max_steps or -1,
         per_device_train_batch_size=hp.batch_size,
-        per_device_eval_batch_size=hp.batch_size,
         learning_rate=hp.learning_rate,
         weight_decay=hp.weight_decay,
         warmup_steps=hp.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
@@ -186,11 +197,18 @@ def plan_training(spec: RunSpec, data, processes: Processes, precision: str) -> 
         logging_first_step=True,
         report_to="none",  # MLflow is logged by trainer.tracking, on rank 0 only
         disable_tqdm=not sys.stderr.isatty(),
-        dataloader_num_workers=2 if torch.cuda.is_available() else 0,
-        dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
+        **speed.training_arguments(),
     )
-    return Plan(processes, precision, store, samples_per_step, total_steps, args)
+    if processes.is_main:
+        log_plan(speed)
+    return Plan(processes, precision, store, samples_per_step, total_steps, speed, args)
+
+
+def _tf32_available() -> bool:
+    from transformers.utils import is_torch_tf32_available
+
+    return is_torch_tf32_available()
 
 
 def fetch_checkpoint_and_base_model(spec: RunSpec, plan: Plan) -> Start:
@@ -220,7 +238,13 @@ def fetch_checkpoint_and_base_model(spec: RunSpec, plan: Plan) -> Start:
 def load_model(spec: RunSpec, start: Start):
     """The base model's tokenizer and a classifier for this run's labels: the base model with a new
     head, seeded so that every attempt initialises it alike, or the final checkpoint's weights when
-    training is complete already (the Trainer restores any other checkpoint itself)."""
+    training is complete already (the Trainer restores any other checkpoint itself).
+
+    The weights load in float32 whatever dtype the checkpoint stores: bf16/fp16 training is autocast
+    over float32 master weights (pure half-precision weights lose AdamW's small updates, and fp16
+    ones make the gradient scaler fail). Attention is the training section's kernel (SDPA default).
+    """
+    import torch
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -233,6 +257,8 @@ def load_model(spec: RunSpec, start: Start):
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
         ignore_mismatched_sizes=True,  # a base that is already a classifier with other labels
+        dtype=torch.float32,
+        attn_implementation=spec.hyperparameters.attention,
     )
     return model, tokenizer
 
@@ -258,37 +284,83 @@ def tokenize_data(data, tokenizer, max_length: int, plan: Plan):
         return tokenize(data, tokenizer, max_length)
 
 
-def build_trainer(plan: Plan, model, tokenizer, encoded, *, tracker: Tracker, preemption: Preemption):
+def build_trainer(
+    spec: RunSpec, plan: Plan, model, tokenizer, encoded, *, tracker: Tracker, preemption: Preemption
+):
     """The HF Trainer with our callbacks: a checkpoint and a stop on SIGTERM, one log line per logging
     step, step metrics to MLflow, each checkpoint mirrored to ``s3://``; and without its
     ``PrinterCallback``, which ``print()``s raw dicts to stdout (the result line's stream)."""
-    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer
+    from transformers import DataCollatorWithPadding, PrinterCallback
 
-    trainer = Trainer(
+    from trainer.hf_trainer import TrainyardTrainer
+
+    weighted = spec.hyperparameters.class_weights == "auto"
+    weighted_loss = loss_weights(spec, encoded["train"]) if weighted else None
+    trainer = TrainyardTrainer(
         model=model,
         args=plan.args,
         train_dataset=encoded["train"],
         eval_dataset=encoded["validation"],
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(
-            tokenizer, pad_to_multiple_of=8 if plan.precision != "fp32" else None
-        ),
+        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=plan.speed.pad_to_multiple_of),
         compute_metrics=compute_metrics,
+        compute_loss_func=weighted_loss,
         callbacks=[
             PreemptionCallback(preemption),
-            ProgressLogCallback(plan.samples_per_step),
+            progress_callback(plan, model, tracker),
             MlflowMetricsCallback(tracker),
             *([MirrorCallback(plan.store)] if plan.store.remote else []),
         ],
     )
+    if weighted_loss is not None:
+        weighted_loss.model = trainer.model  # weights apply while training, not to the eval loss
     trainer.remove_callback(PrinterCallback)
     return trainer
 
 
-def log_inputs(tracker: Tracker, spec: RunSpec, data, precision: str) -> None:
-    """What the run is trained on and how, as params and the validation report: logged once per
-    MLflow run, so a relaunch keeps the original params (``Tracker.log_params`` warns of changes)."""
-    tracker.log_params(run_params(spec, data["train"].num_rows, data["validation"].num_rows, precision))
+def loss_weights(spec: RunSpec, train) -> class_weights.WeightedLoss:
+    """``class_weights: auto``: the loss weighted by inverse class frequency in the training split."""
+    weights = class_weights.inverse_frequency(train["labels"], len(spec.data.label_names))
+    logger.info(
+        "Class weights (inverse frequency): %s", class_weights.describe(weights, spec.data.label_names)
+    )
+    return class_weights.WeightedLoss(weights)
+
+
+def progress_callback(plan: Plan, model, tracker: Tracker) -> ProgressCallback:
+    """Progress lines and speed metrics; with the GPU's peak known, an MFU estimate as well."""
+    import torch
+
+    peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    return ProgressCallback(
+        plan.samples_per_step,
+        tracker.log_step_metrics,
+        parameters=trainable_parameters(model) if peak else None,
+        peak=peak,
+        devices=plan.processes.world_size,
+    )
+
+
+def batch_padding(trainer, plan: Plan) -> float:
+    """The share of padding in the training batches as this run forms them (its sampler, its batch
+    size, its padding multiple), measured on up to 200 batches of indices, before training: the
+    sampler runs under a forked RNG, so training draws the same order as without the measurement."""
+    import torch
+
+    train = trainer.train_dataset
+    with torch.random.fork_rng(devices=[]):
+        sampler = trainer._get_train_sampler(train)
+        indices = iter(sampler) if sampler is not None else iter(range(train.num_rows))
+        batches = list(itertools.islice(chunks(indices, plan.args.per_device_train_batch_size), 200))
+    return padding_fraction(train[LENGTH_COLUMN], batches, plan.speed.pad_to_multiple_of)
+
+
+def log_inputs(tracker: Tracker, spec: RunSpec, data, plan: Plan) -> None:
+    """What the run is trained on and how (the requested settings and the effective ``speed.*``
+    ones), as params and the validation report: logged once per MLflow run, so a relaunch keeps the
+    original params (``Tracker.log_params`` warns of changes)."""
+    params = run_params(spec, data["train"].num_rows, data["validation"].num_rows, plan.precision)
+    tracker.log_params({**params, **plan.speed.params(), "speed.world_size": plan.processes.world_size})
     if spec.validation_report is not None:
         tracker.log_dict(spec.validation_report, "validation_report.json")
 
@@ -310,11 +382,18 @@ def train_unless_complete(
         plan.precision,
         plan.args.device,
     )
+    padding = batch_padding(trainer, plan)
+    logger.info("Padding: %.1f%% of the tokens in the training batches", 100 * padding)
     with preemption.deferred():
         outcome = trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
     final = ensure_final_checkpoint(trainer, plan.store, plan.processes.is_main)
     logger.info("Training complete at step %d; final checkpoint %s", outcome.global_step, final.name)
-    metrics = {k: v for k, v in outcome.metrics.items() if k != "total_flos"}
+    speed = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ProgressCallback)).summary
+    metrics = {
+        **{k: v for k, v in outcome.metrics.items() if k != "total_flos"},
+        **speed,
+        "padding_fraction": padding,
+    }
     tracker.log_metrics(metrics, step=outcome.global_step)
     return Trained(outcome.global_step, metrics)
 
@@ -433,41 +512,3 @@ def compute_metrics(eval_pred) -> dict[str, float]:
         wrong = np.sum((predictions == cls) != (labels == cls))  # false positives + false negatives
         f1.append(2 * tp / (2 * tp + wrong) if tp + wrong else 0.0)
     return {"accuracy": float(np.mean(predictions == labels)), "f1_macro": float(np.mean(f1))}
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class ProgressLogCallback(TrainerCallback):
-    """One log line per logging step: step N/M, loss, lr, samples/s, ETA (no progress bars in pod logs)."""
-
-    def __init__(self, samples_per_step: int) -> None:
-        self.samples_per_step = samples_per_step
-        self._start: tuple[float, int] = (0.0, 0)
-        self._last: tuple[float, int] = (0.0, 0)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._start = self._last = (time.monotonic(), state.global_step)
-        return control
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
-            return control
-        now, step = time.monotonic(), state.global_step
-        recent = (step - self._last[1]) * self.samples_per_step / max(now - self._last[0], 1e-9)
-        overall = (step - self._start[1]) / max(now - self._start[0], 1e-9)
-        eta = _duration((state.max_steps - step) / overall) if overall > 0 else "?"
-        logger.info(
-            "step %d/%d  epoch %.2f  loss %.4f  lr %.3g  %.1f samples/s  ETA %s",
-            step,
-            state.max_steps,
-            logs.get("epoch", state.epoch or 0.0),
-            logs["loss"],
-            logs.get("learning_rate", float("nan")),
-            recent,
-            eta,
-        )
-        self._last = (now, step)
-        return control

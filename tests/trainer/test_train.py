@@ -46,7 +46,10 @@ def test_trains_logs_to_mlflow_and_removes_checkpoints(tmp_path, tiny_model, spl
     proc = run_trainer(spec, child_env(tmp_path))
     result = result_of(proc)
 
-    assert re.search(r"step \d+/75 .* loss [\d.]+ .* lr .* samples/s  ETA ", proc.stderr)
+    assert re.search(r"step \d+/75 .* loss [\d.]+ .* lr .* samples/s  \d+ tokens/s  ETA ", proc.stderr)
+    assert "Speed: length-grouped batches, dynamic padding, attention sdpa, optimizer adamw_torch_fused" in (
+        proc.stderr
+    )
     assert "it/s]" not in proc.stderr, "no tqdm bars when stderr is not a terminal"
     assert not (tmp_path / "checkpoints").exists()
 
@@ -68,6 +71,11 @@ def test_trains_logs_to_mlflow_and_removes_checkpoints(tmp_path, tiny_model, spl
     assert params["data.validation_rows"] == "100"
     assert params["dataset_fingerprint"] == spec["dataset_fingerprint"]
     assert params["precision_effective"] == "fp32"
+    assert params["group_by_length"] == "True" and params["speed.group_by_length"] == "True"
+    assert params["speed.optimizer"] == "adamw_torch_fused"
+    assert params["speed.eval_batch_size"] == "32", "twice the training batch"
+    assert params["speed.dataloader_workers"] == "0" and params["speed.pin_memory"] == "False", "CPU"
+    assert params["speed.world_size"] == "1"
 
     metrics = run.data.metrics
     for name in EVAL_METRICS:
@@ -76,6 +84,10 @@ def test_trains_logs_to_mlflow_and_removes_checkpoints(tmp_path, tiny_model, spl
     assert 0.8 <= metrics["eval_accuracy"] <= 1.0, "the synthetic data is learnable"
     assert metrics["eval_loss"] < 0.5, "well below log(2) = 0.69, the loss of a coin flip"
     assert {"train_runtime", "train_samples_per_second", "loss", "learning_rate"} <= set(metrics)
+    assert metrics["train_tokens_per_second"] > 0
+    assert 0.0 <= metrics["padding_fraction"] < 0.5, "length-grouped batches of the synthetic texts"
+    assert "mfu" not in metrics and "train_mfu" not in metrics, "no MFU without a GPU's peak"
+    assert len(client.get_metric_history(run.info.run_id, "tokens_per_second")) > 5
     assert len(client.get_metric_history(run.info.run_id, "loss")) > 5
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
