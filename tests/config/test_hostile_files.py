@@ -95,6 +95,11 @@ def test_a_file_over_the_size_limit_is_refused_unread(config_dirs):
 )
 def test_the_limits_are_set_per_environment(config_dirs, limits, fragment):
     pipelines, environments = config_dirs
+    # The demo file plus 20 recipients: well over the smallest max_nodes (100) whatever the demo drops.
+    recipients = ", ".join(f"r{i}@example.com" for i in range(20))
+    (pipelines / DEMO).write_text(
+        f"{(pipelines / DEMO).read_text()}notifications: {{email: [{recipients}]}}\n"
+    )
     size = (pipelines / DEMO).stat().st_size
     assert 1024 < size < 10 * 1024
     local = (environments / "local.yaml").read_text()

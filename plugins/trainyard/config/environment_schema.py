@@ -205,8 +205,8 @@ POD_ENV_REFUSED = {
     "CUDA_VISIBLE_DEVICES": "the device plugin gives the pod its GPUs and torchrun maps one to each rank",
     "CUDA_INJECTION64_PATH": "it loads a library into every CUDA process; build tools into the image",
 }
-#: What every training pod gets unless ``kubernetes.env`` says otherwise: NCCL is silent by default,
-#: so a failing collective would end the rank with no reason in the pod's log.
+#: What every training pod gets unless ``kubernetes.env`` says otherwise: unset, NCCL prints none
+#: of its warnings and errors, and a failing collective leaves only PyTorch's one-line NCCL error.
 POD_ENV_DEFAULTS = {"NCCL_DEBUG": "WARN"}
 
 
