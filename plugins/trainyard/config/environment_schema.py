@@ -202,7 +202,7 @@ POD_ENV_NAME = re.compile(
 )
 #: Names inside those families that are still not an environment's to set, and why.
 POD_ENV_REFUSED = {
-    "CUDA_VISIBLE_DEVICES": "the device plugin gives the pod its GPUs and torchrun maps one to each rank",
+    "CUDA_VISIBLE_DEVICES": "the device plugin gives the pod its GPUs; each rank takes one by local rank",
     "CUDA_INJECTION64_PATH": "it loads a library into every CUDA process; build tools into the image",
 }
 #: What every training pod gets unless ``kubernetes.env`` says otherwise: unset, NCCL prints none
