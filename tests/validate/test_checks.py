@@ -159,16 +159,39 @@ def test_too_few_rows_fail_per_split(tmp_path):
     assert check(report, "min_rows", "validation").threshold == 20
 
 
-def test_class_imbalance_fails_the_class_share_check(tmp_path):
+def test_a_class_under_the_floor_fails_the_class_share_check(tmp_path):
     positives = [r for r in train_rows(800) if r["label"] == "positive"]
     negatives = [r for r in train_rows(800) if r["label"] == "negative"]
-    spec = write(tmp_path, positives[:390] + negatives[:10], validation_rows())
+    spec = write(tmp_path, positives[:397] + negatives[:3], validation_rows())
     report = validate_dataset(spec, DataChecks())
 
     assert failed(report) == {("min_class_share", "train")}
     result = check(report, "min_class_share", "train")
-    assert result.value == pytest.approx(10 / 400) and result.threshold == 0.05
-    assert "'negative' (2.50%)" in result.message and spec.train_uri in result.message
+    assert result.value == pytest.approx(3 / 400) and result.threshold == 0.01
+    assert "'negative' (0.75%)" in result.message and spec.train_uri in result.message
+    assert report.warnings == [], "a failure, not also a warning"
+
+
+def test_skewed_labels_above_the_floor_pass_with_a_warning_that_names_the_fix(tmp_path):
+    positives = [r for r in train_rows(800) if r["label"] == "positive"]
+    negatives = [r for r in train_rows(800) if r["label"] == "negative"]
+    spec = write(tmp_path, positives[:390] + negatives[:10], validation_rows())
+
+    report = validate_dataset(spec, DataChecks())
+    assert report.passed and failed(report) == set()
+    (warning,) = report.warnings
+    assert spec.train_uri in warning and "'negative' 10 rows (2.50%)" in warning
+    assert "set training.class_weights: auto" in warning
+    assert "⚠ WARN" in report.summary() and report.to_dict()["warnings"] == [warning]
+    assert type(report).from_dict(report.to_dict()).warnings == [warning]
+
+    (warning,) = validate_dataset(spec, DataChecks(), class_weights="auto").warnings
+    assert "training.class_weights is auto" in warning
+    assert validate_dataset(spec, DataChecks(warn_class_share=0.02)).warnings == []
+    assert (
+        validate_dataset(write(tmp_path / "even", train_rows(), validation_rows()), DataChecks()).warnings
+        == []
+    )
 
 
 def test_a_declared_class_missing_from_validation_fails(tmp_path):

@@ -69,7 +69,15 @@ class DataChecks(StrictModel):
     min_validation_rows: int = Field(20, ge=1, description="Minimum rows in the validation split.")
     max_null_fraction: float = Field(0.0, ge=0, le=1, description="Rows with a null text or label.")
     max_empty_text_fraction: float = Field(0.01, ge=0, le=1, description="Rows whose text is blank.")
-    min_class_share: float = Field(0.05, ge=0, lt=1, description="Each label's minimum share of rows.")
+    min_class_share: float = Field(
+        0.01, ge=0, lt=1, description="Each label's minimum share of rows (below it the run stops)."
+    )
+    warn_class_share: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="A label under this share of the training rows gets a warning (skewed labels).",
+    )
     max_duplicate_fraction: float = Field(0.05, ge=0, le=1, description="Repeated texts within a split.")
     max_overlap_fraction: float = Field(
         0.0, ge=0, le=1, description="Validation texts also in train (leakage)."

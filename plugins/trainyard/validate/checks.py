@@ -23,7 +23,7 @@ from trainyard.validate.report import CheckResult, Number
 if TYPE_CHECKING:
     from trainyard.validate.scanning import SplitScan
 
-__all__ = ["CHECK_NAMES", "FRACTION_CHECKS", "FractionCheck", "check_splits"]
+__all__ = ["CHECK_NAMES", "FRACTION_CHECKS", "FractionCheck", "check_splits", "class_share_warnings"]
 
 #: Every check name a report may hold, in report order (within each split).
 CHECK_NAMES = (
@@ -97,6 +97,35 @@ def check_splits(
     return [
         *_split_checks(train, data, checks, train.uri),
         *_split_checks(validation, data, checks, train.uri),
+    ]
+
+
+def class_share_warnings(
+    train: SplitScan, data: DataSpec, checks: DataChecks, class_weights: str
+) -> list[str]:
+    """A warning per label under ``warn_class_share`` of the training rows (above the failing floor
+    ``min_class_share``): plain cross-entropy learns to ignore such a class, which macro F1 shows.
+    The fix is named unless it is on already."""
+    counts = [int(c) for c in train.label_counts] if train.columns_ok else []
+    labelled = sum(counts)
+    if not labelled:
+        return []
+    low = [
+        (name, count)
+        for name, count in zip(data.label_names, counts, strict=True)
+        if checks.min_class_share <= _fraction(count, labelled) < checks.warn_class_share
+    ]
+    if not low:
+        return []
+    listing = ", ".join(f"{n!r} {c:,} rows ({_pct(_fraction(c, labelled))})" for n, c in low)
+    advice = (
+        "training.class_weights is auto, so the loss weights them up"
+        if class_weights == "auto"
+        else "set training.class_weights: auto to weight the loss by inverse class frequency"
+    )
+    return [
+        f"{_where(train)}: skewed labels, under {_pct(checks.warn_class_share)} of the rows: {listing}; "
+        f"{advice} (dataset.checks.warn_class_share sets this threshold)"
     ]
 
 

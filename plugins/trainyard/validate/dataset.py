@@ -12,7 +12,7 @@ import time
 
 from trainer.spec import DataSpec
 from trainyard.config.pipeline_schema import DataChecks
-from trainyard.validate.checks import check_splits
+from trainyard.validate.checks import check_splits, class_share_warnings
 from trainyard.validate.hashing import fingerprint
 from trainyard.validate.report import DataReport
 from trainyard.validate.scanning import scan_dataset
@@ -25,6 +25,7 @@ def validate_dataset(
     checks: DataChecks,
     s3_endpoint_url: str | None = None,
     block_size: int = 4 << 20,
+    class_weights: str = "none",
 ) -> DataReport:
     """Validate ``data`` against ``checks`` in one streaming pass per split; never raises for bad data.
 
@@ -42,4 +43,5 @@ def validate_dataset(
         overlap_rows=validation.overlap_rows or 0,
         checks=results,
         seconds=time.perf_counter() - started,
+        warnings=class_share_warnings(train, data, checks, class_weights),
     )

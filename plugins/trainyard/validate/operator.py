@@ -49,9 +49,14 @@ class ValidateDataOperator(PipelineOperator):
 
         env = self.pipeline.environment
         report = validate_dataset(
-            self.pipeline.data_spec, self.pipeline.config.dataset.checks, env.storage.s3_endpoint_url
+            self.pipeline.data_spec,
+            self.pipeline.config.dataset.checks,
+            env.storage.s3_endpoint_url,
+            class_weights=hyperparameters.class_weights,
         )
         self.log.info("Data validation report:\n%s", report.summary())
+        for warning in report.warnings:
+            self.log.warning("%s", warning)
         try:
             require_valid(report)
         except DataValidationError as exc:

@@ -63,6 +63,8 @@ class DataReport:
     overlap_rows: int
     checks: list[CheckResult]
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    """Not failures: what the owner should know before training (skewed labels, say)."""
 
     @property
     def failures(self) -> list[CheckResult]:
@@ -81,6 +83,7 @@ class DataReport:
             "checks": [asdict(c) for c in self.checks],
             "failed": [f"{c.name}[{c.split}]" for c in self.failures],
             "seconds": round(self.seconds, 3),
+            "warnings": list(self.warnings),
         }
 
     @classmethod
@@ -95,6 +98,7 @@ class DataReport:
             overlap_rows=data["overlap_rows"],
             checks=[CheckResult(**c) for c in data["checks"]],
             seconds=data.get("seconds", 0.0),
+            warnings=list(data.get("warnings", [])),
         )
 
     def summary(self) -> str:
@@ -105,7 +109,8 @@ class DataReport:
             f"train {self.train.rows:,} rows, validation {self.validation.rows:,} rows; "
             f"fingerprint {self.fingerprint or '(unavailable)'}"
         )
-        return "\n".join([head, *(c.line() for c in self.checks)])
+        warnings = [f"⚠ WARN  {w}" for w in self.warnings]
+        return "\n".join([head, *(c.line() for c in self.checks), *warnings])
 
 
 class DataValidationError(Exception):
