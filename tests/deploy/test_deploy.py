@@ -135,7 +135,8 @@ def test_dockerfile_has_allow_list_dockerignore(dockerfile: Path) -> None:
     assert ignore.exists(), f"{ignore.name} is missing (BuildKit reads it next to the Dockerfile)"
     rules = [line for line in ignore.read_text().splitlines() if line and not line.startswith("#")]
     assert rules[0] == "*", "start from an empty context and allow what the image needs"
-    for copied in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile.read_text(), re.MULTILINE):
+    # COPY --from=<stage> copies from an image, not from the context
+    for copied in re.findall(r"^COPY (?!--from=)(?:--\S+ )*(.+) \S+$", dockerfile.read_text(), re.MULTILINE):
         for source in copied.split():
             assert any(rule.startswith("!") and source.startswith(rule[1:].rstrip("/")) for rule in rules), (
                 f"{dockerfile.name} copies {source}, which {ignore.name} excludes"
@@ -144,7 +145,8 @@ def test_dockerfile_has_allow_list_dockerignore(dockerfile: Path) -> None:
 
 def test_trainer_image_matches_the_pod() -> None:
     text = (DOCKER / "trainer.Dockerfile").read_text()
-    assert re.search(r"^FROM nvcr\.io/nvidia/pytorch:\d{2}\.\d{2}-py3$", text, re.MULTILINE)
+    # the CUDA base, torch and Python of the image: tests/deploy/test_trainer_image.py
+    assert re.search(r"^FROM nvidia/cuda:\d+\.\d+\.\d+-base-ubuntu\d{2}\.\d{2}$", text, re.MULTILINE)
     for name in CLUSTER_ENVS:
         k8s = env(name).kubernetes
         assert k8s is not None
@@ -170,7 +172,9 @@ def test_image_requirements_are_the_project_pins() -> None:
                 f"{name} image pins {package}=={version}, requirements.txt {project.get(package)}"
             )
     assert not {p for p in trainer if p.startswith("apache-airflow")}, "the trainer image carries no Airflow"
-    assert "torch" not in trainer, "torch comes from the NVIDIA base image"
+    assert trainer["torch"] == project["torch"], "the image runs the torch the tests run (PyPI's CUDA build)"
+    cuda_only = requirement_pins(DOCKER / "trainer-cuda-requirements.txt")
+    assert not set(cuda_only) & set(project), "trainer-cuda-requirements.txt: only what the CPU venv lacks"
     assert {"transformers", "datasets", "mlflow", "s3fs", "accelerate", "pydantic"} <= set(trainer)
     assert not {"torch", "transformers", "datasets", "accelerate"} & set(airflow), "no ML stack in Airflow"
     assert {"apache-airflow-providers-cncf-kubernetes", "mlflow-skinny", "pyarrow", "s3fs"} <= set(airflow)
