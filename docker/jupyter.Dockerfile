@@ -2,7 +2,7 @@
 # JupyterLab on the trainer image: notebooks and training pods share one environment.
 #   docker build -f docker/jupyter.Dockerfile -t ghcr.io/trainyard/jupyter:0.1.0 .
 # The compose stack passes the trainer image it builds itself (additional_contexts).
-ARG TRAINER_IMAGE=ghcr.io/trainyard/trainer:0.1.0
+ARG TRAINER_IMAGE=ghcr.io/trainyard/trainer:0.2.0
 FROM ${TRAINER_IMAGE}
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]

@@ -240,11 +240,11 @@ def test_unknown_environment_suggests(config_dirs):
     ("old", "new", "fragment"),
     [
         (
-            "image: ghcr.io/trainyard/trainer:0.1.0",
+            "image: ghcr.io/trainyard/trainer:0.2.0",
             "image: ghcr.io/trainyard/trainer:latest",
             "must be pinned",
         ),
-        ("image: ghcr.io/trainyard/trainer:0.1.0", "image: ghcr.io/trainyard/trainer", "must be pinned"),
+        ("image: ghcr.io/trainyard/trainer:0.2.0", "image: ghcr.io/trainyard/trainer", "must be pinned"),
         ('experiment_name: "dev/{pipeline}"', 'experiment_name: "dev/{model}"', "bad template"),
         (
             "priority_class: trainyard-dev-low",

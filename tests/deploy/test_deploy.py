@@ -154,7 +154,7 @@ def test_trainer_image_matches_the_pod() -> None:
         assert users[-1] == f"{k8s.run_as_user}:{k8s.run_as_group}", "image user != pod securityContext"
         assert f"--uid {k8s.run_as_user}" in text and f"--gid {k8s.run_as_group}" in text
         # the tag the build command and compose produce is the one the environments run
-        assert k8s.image == "ghcr.io/trainyard/trainer:0.1.0"
+        assert k8s.image == "ghcr.io/trainyard/trainer:0.2.0"
     assert 'ENTRYPOINT ["python", "-m", "trainer"]' in text
     assert f"HF_HOME={CACHE_DIR}/huggingface" in text
     assert f"TRAINYARD_SCRATCH={SCRATCH_DIR}" in text

@@ -59,7 +59,7 @@ def test_pod_requests_gpus_under_the_priority_class_with_hardening(config_dirs, 
     assert spec["priorityClassName"] == k8s.priority_class
     assert spec["serviceAccountName"] == "trainyard-nlp", "the team's identity, not a shared one"
     assert spec["automountServiceAccountToken"] is False
-    assert container["image"] == "ghcr.io/trainyard/trainer:0.1.0"
+    assert container["image"] == "ghcr.io/trainyard/trainer:0.2.0"
     resources = container["resources"]
     assert (
         resources["requests"] == resources["limits"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}

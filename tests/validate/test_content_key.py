@@ -55,7 +55,7 @@ def test_the_same_inputs_give_the_same_key_and_each_input_changes_it(config_dirs
 
 
 def test_the_trainer_build_is_part_of_the_key(config_dirs):
-    assert trainer_identity(_pipeline(config_dirs, "prod")) == "image ghcr.io/trainyard/trainer:0.1.0"
+    assert trainer_identity(_pipeline(config_dirs, "prod")) == "image ghcr.io/trainyard/trainer:0.2.0"
     local = trainer_identity(_pipeline(config_dirs, "local"))
     assert local.startswith("trainer ") and " source:" in local
 
