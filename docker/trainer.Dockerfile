@@ -36,6 +36,7 @@ ARG PIP_VERSION=26.0.1
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     LANG=C.UTF-8 \
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     UV_NO_CACHE=1 \
@@ -49,7 +50,8 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONPATH=/opt/trainyard
 
 # A C/C++ compiler: Triton builds its CUDA launcher and Inductor its CPU kernels at run time
-# (`training.compile: true`). ca-certificates: the CAs Python's ssl module loads.
+# (`training.compile: true`). ca-certificates: the CAs Python's ssl module loads (SSL_CERT_FILE:
+# the bundle Ubuntu maintains, named rather than left to the default paths of uv's OpenSSL build).
 # The versions follow the base image's libc6 and security updates (a pin would break on either).
 # hadolint ignore=DL3008
 RUN apt-get update \
