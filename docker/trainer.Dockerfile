@@ -59,7 +59,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 COPY --from=uv /uv /usr/local/bin/uv
-RUN uv python install "${PYTHON_VERSION}" \
+RUN uv python install --no-bin "${PYTHON_VERSION}" \
     && uv venv --managed-python --python "${PYTHON_VERSION}" /opt/venv
 
 # Every package pinned, installed as pinned: --no-deps resolves nothing, so the image gets exactly

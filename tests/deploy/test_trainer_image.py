@@ -147,7 +147,7 @@ def test_the_dockerfile_installs_exactly_the_pins_and_checks_the_result() -> Non
     makefile_pip = re.search(r"pip==(\S+)", (ROOT / "Makefile").read_text())
     assert makefile_pip and dockerfile_arg("PIP_VERSION") == makefile_pip[1], "the pip of the Makefile's venv"
     assert re.search(r"^FROM ghcr\.io/astral-sh/uv:\d+\.\d+\.\d+ AS uv$", text, re.MULTILINE), "uv pinned"
-    assert 'uv python install "${PYTHON_VERSION}"' in text
+    assert 'uv python install --no-bin "${PYTHON_VERSION}"' in text
     for check in (
         "python -m pip check",
         "torch.version.cuda == cuda",
