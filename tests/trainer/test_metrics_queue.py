@@ -83,7 +83,7 @@ def test_a_tracking_server_outage_during_training_does_not_stop_it(tmp_path, tin
     port = svc.free_port()
     with svc.Services(tmp_path / "logs") as services:
         url = svc.start_mlflow(services, port, tmp_path / "mlflow.db", str(tmp_path / "artifacts"), {})
-        spec = make_spec(tmp_path, str(tiny_model), str(splits[0]), str(splits[1]), max_steps=800)
+        spec = make_spec(tmp_path, str(tiny_model), str(splits[0]), str(splits[1]), max_steps=500)
         spec["mlflow"].update(tracking_uri=url, artifact_location=None)
         env = child_env(tmp_path, MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
         proc = subprocess.Popen(
@@ -93,7 +93,7 @@ def test_a_tracking_server_outage_during_training_does_not_stop_it(tmp_path, tin
         reader = threading.Thread(target=lambda: stderr.extend(iter(proc.stderr.readline, "")), daemon=True)
         reader.start()
         wait(
-            lambda: any("step " in line and "/800" in line for line in stderr) or proc.poll() is not None,
+            lambda: any("step " in line and "/500" in line for line in stderr) or proc.poll() is not None,
             300,
         )
         assert proc.poll() is None, "".join(stderr)[-3000:]
@@ -116,5 +116,5 @@ def test_a_tracking_server_outage_during_training_does_not_stop_it(tmp_path, tin
         run = client.get_run(result["mlflow_run_id"])
         assert run.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-        assert steps == sorted(steps) and steps[-1] >= 750, "step metrics of the whole run, the outage too"
+        assert steps == sorted(steps) and steps[-1] >= 475, "step metrics of the whole run, the outage too"
         assert "MLflow metrics sent again" in "".join(stderr)
