@@ -8,6 +8,8 @@
 * ``CheckpointStore`` is the checkpoint directory of one DAG run: a local directory, or an ``s3://``
   prefix mirrored from a local working directory (downloaded at start, uploaded after each save).
   It also keeps the MLflow run id, so a relaunched pod continues the same MLflow run.
+* ``RanksCallback`` records in each checkpoint how many ranks trained it and how many samples a step
+  was, and warns when a relaunch resumes it with other numbers (``resources.gpus`` changed).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ logger = logging.getLogger(__name__)
 #: Written last by the HF Trainer when it saves a checkpoint: its presence marks a complete one.
 TRAINER_STATE = "trainer_state.json"
 RUN_ID_FILE = "mlflow_run_id"
+#: Written into each checkpoint by rank 0: the ranks and the samples per step it was trained with.
+RANKS_FILE = "trainyard_ranks.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -56,6 +60,68 @@ class PreemptionCallback(TrainerCallback):
             logger.warning("Stopping at step %d: saving a checkpoint", state.global_step)
             control.should_save = True
             control.should_training_stop = True
+        return control
+
+
+def ranks_layout(args) -> dict[str, int]:
+    """How one optimizer step is made, from the ``TrainingArguments``: ranks, batch, accumulation."""
+    return {
+        "world_size": args.world_size,
+        "per_device_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "samples_per_step": args.per_device_train_batch_size
+        * args.gradient_accumulation_steps
+        * args.world_size,
+    }
+
+
+def write_ranks(checkpoint: Path, layout: dict[str, int]) -> None:
+    (checkpoint / RANKS_FILE).write_text(json.dumps(layout, indent=2) + "\n")
+
+
+def ranks_changed(checkpoint: Path, layout: dict[str, int]) -> str | None:
+    """Why resuming ``checkpoint`` with ``layout`` is not exact, or None (same ranks and step size, or
+    a checkpoint that did not record them)."""
+    path = checkpoint / RANKS_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    ranks, samples = saved.get("world_size"), saved.get("samples_per_step")
+    if (ranks, samples) == (layout["world_size"], layout["samples_per_step"]):
+        return None
+    return (
+        f"{checkpoint.name} was trained by {ranks} ranks at {samples} samples per step, this launch has "
+        f"{layout['world_size']} at {layout['samples_per_step']}: training resumes, but its position in "
+        "the data and its learning-rate schedule shift (the steps done count at the new size). "
+        "resources.gpus or the batch settings changed between launches; set them back to resume exactly"
+    )
+
+
+class RanksCallback(TrainerCallback):
+    """Says on every rank which rank it is of how many, as the Trainer sees it (world size 1 under a
+    launcher means no data parallelism at all); records the ranks in each checkpoint, on rank 0
+    before ``MirrorCallback`` uploads it; and warns when training resumes a checkpoint made with
+    another number of ranks or samples per step."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        layout = ranks_layout(args)
+        logger.info(
+            "Rank %d of %d (parallel mode %s, device %s): %d samples per optimizer step",
+            args.process_index,
+            args.world_size,
+            args.parallel_mode.value,
+            args.device,
+            layout["samples_per_step"],
+        )
+        if state.is_world_process_zero and state.global_step > 0:
+            changed = ranks_changed(Path(args.output_dir) / f"checkpoint-{state.global_step}", layout)
+            if changed:
+                logger.warning("Resuming with other ranks: %s", changed)
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_ranks(Path(args.output_dir) / f"checkpoint-{state.global_step}", ranks_layout(args))
         return control
 
 
@@ -93,6 +159,7 @@ def ensure_final_checkpoint(trainer, store: CheckpointStore, is_main: bool) -> P
     logger.warning("No checkpoint was saved at the last step %d: saving the final weights now", step)
     trainer.save_model(str(target))  # every rank calls it; only the main process writes
     if is_main:
+        write_ranks(target, ranks_layout(trainer.args))
         trainer.state.save_to_json(str(target / TRAINER_STATE))
         store.upload(target)
     return target

@@ -36,9 +36,14 @@ class OwnProcessGroup:
 
 
 def shield_workers(dataloader):
-    """``dataloader`` with its workers started in their own process group (the same object)."""
-    if dataloader.num_workers > 0 and not isinstance(dataloader.worker_init_fn, OwnProcessGroup):
-        dataloader.worker_init_fn = OwnProcessGroup(dataloader.worker_init_fn)
+    """``dataloader`` with its workers started in their own process group (the same object).
+
+    accelerate's ``DataLoaderShard`` wraps the torch ``DataLoader`` that starts the workers
+    (``base_dataloader``) and forwards attribute reads to it: the hook goes on that one.
+    """
+    loader = getattr(dataloader, "base_dataloader", dataloader)
+    if loader.num_workers > 0 and not isinstance(loader.worker_init_fn, OwnProcessGroup):
+        loader.worker_init_fn = OwnProcessGroup(loader.worker_init_fn)
     return dataloader
 
 

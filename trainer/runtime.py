@@ -1,5 +1,6 @@
-"""Where and how this process runs: its place under ``torchrun``, the libraries' logging, and the
-precision its GPU supports. Read once, at the start of ``trainer.train.run``.
+"""Where and how this process runs: its place among the ranks (``trainer.launcher``, or a single
+process), its GPU, the libraries' logging, and the precision its GPU supports. Read once, at the
+start of ``trainer.train.run``.
 
 Precision: ``auto`` is bf16 on CUDA GPUs that support it, fp16 on other CUDA GPUs, fp32 on CPU.
 An explicit ``bf16``/``fp16`` without a CUDA GPU falls back to fp32 with a warning (the same pipeline
@@ -20,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Processes:
-    """Where this process sits under ``torchrun`` (a single process otherwise)."""
+    """Where this process sits among the ranks of ``trainer.launcher`` (a single process otherwise)."""
 
     rank: int = 0
     local_rank: int = 0
@@ -37,6 +38,23 @@ class Processes:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def use_local_gpu(processes: Processes) -> None:
+    """Make this rank's GPU (``LOCAL_RANK``) the current CUDA device, before anything asks CUDA about
+    "the" device: otherwise every rank's first queries (``resolve_precision``) go to GPU 0. Nothing
+    to do without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    count = torch.cuda.device_count()
+    if processes.local_rank >= count:
+        raise RuntimeError(
+            f"LOCAL_RANK {processes.local_rank} has no GPU: {count} visible (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); the pod must get one GPU per rank"
+        )
+    torch.cuda.set_device(processes.local_rank)
 
 
 def configure_libraries(progress_bars: bool) -> None:

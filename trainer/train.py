@@ -33,6 +33,7 @@ from trainer.checkpoints import (
     CheckpointStore,
     MirrorCallback,
     PreemptionCallback,
+    RanksCallback,
     checkpoint_step,
     ensure_final_checkpoint,
     training_complete,
@@ -41,7 +42,7 @@ from trainer.data import load_splits, tokenize
 from trainer.efficiency import ProgressCallback, chunks, padding_fraction, peak_flops, trainable_parameters
 from trainer.errors import TrainerInputError
 from trainer.preemption import Preemption
-from trainer.runtime import Processes, configure_libraries, resolve_precision
+from trainer.runtime import Processes, configure_libraries, resolve_precision, use_local_gpu
 from trainer.scoring import ChampionScore, Predictions, candidate_predictions, log_evaluation, score_champion
 from trainer.spec import (
     EVAL_METRICS,
@@ -104,6 +105,7 @@ def run(spec: RunSpec, preemption: Preemption) -> dict[str, Any] | None:
     """
     processes = Processes.from_env()
     configure_libraries(progress_bars=sys.stderr.isatty())
+    use_local_gpu(processes)  # before any CUDA query: each rank asks about its own GPU
     precision = resolve_precision(spec.hyperparameters.precision)
 
     data = load_data(spec)
@@ -198,6 +200,11 @@ def plan_training(spec: RunSpec, data, processes: Processes, precision: str) -> 
         report_to="none",  # MLflow is logged by trainer.tracking, on rank 0 only
         disable_tqdm=not sys.stderr.isatty(),
         ddp_find_unused_parameters=False,
+        use_cpu=not torch.cuda.is_available(),  # several CPU ranks: real DDP over gloo, not N copies
+        # transformers 5.24 scales each rank's loss by the world size when the model takes loss kwargs,
+        # assuming the model divided by the item count of all ranks; HF classifiers take the per-rank
+        # mean instead, so on N ranks the loss, the gradient and its clipping would be N times too large.
+        average_tokens_across_devices=False,
         **speed.training_arguments(),
     )
     if processes.is_main:
@@ -309,6 +316,7 @@ def build_trainer(
             PreemptionCallback(preemption),
             progress_callback(plan, model, tracker),
             MlflowMetricsCallback(tracker),
+            RanksCallback(),  # before MirrorCallback: the ranks file goes up with the checkpoint
             *([MirrorCallback(plan.store)] if plan.store.remote else []),
         ],
     )
@@ -385,6 +393,7 @@ def train_unless_complete(
     padding = batch_padding(trainer, plan)
     logger.info("Padding: %.1f%% of the tokens in the training batches", 100 * padding)
     with preemption.deferred():
+        preemption.start_together(plan.processes.world_size)  # all ranks train, or none
         outcome = trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
     final = ensure_final_checkpoint(trainer, plan.store, plan.processes.is_main)
     logger.info("Training complete at step %d; final checkpoint %s", outcome.global_step, final.name)

@@ -174,19 +174,21 @@ def test_dev_and_prod_differ_only_where_their_yaml_differs(config_dirs):
     assert dev_spec["hyperparameters"]["epochs"] == 1 and prod_spec["hyperparameters"]["epochs"] == 3
 
 
-def test_more_gpus_run_torchrun_with_one_process_per_gpu(config_dirs):
+def test_more_gpus_run_the_launcher_with_one_rank_per_gpu(config_dirs):
     pipelines, _ = config_dirs
     path = pipelines / "tweet-sentiment.yaml"
     path.write_text(path.read_text().replace("  gpus: 1", "  gpus: 4"))
     container = _container(render_pod(_pipeline(config_dirs, "prod")))
-    assert container["command"] == ["torchrun"]
-    assert container["args"][:5] == [
-        "--standalone",
-        "--nproc_per_node=4",
-        "--shutdown-timeout=285",  # terminationGracePeriodSeconds 300, less a margin
+    assert container["command"] == ["python"]
+    assert container["args"][:6] == [
         "-m",
-        "trainer",
+        "trainer.launcher",
+        "--nproc-per-node=4",
+        "--shutdown-timeout=285",  # terminationGracePeriodSeconds 300, less a margin
+        "--",
+        "--spec",
     ]
+    assert _run_spec(render_pod(_pipeline(config_dirs, "prod")))["identity"]["pipeline"] == "tweet-sentiment"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
 
 

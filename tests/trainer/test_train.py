@@ -108,25 +108,6 @@ def test_trains_logs_to_mlflow_and_removes_checkpoints(tmp_path, tiny_model, spl
     assert any(re.fullmatch(r"torch==[\d.]+", r) for r in requirements)
 
 
-@pytest.mark.slow
-def test_torchrun_with_two_processes_logs_one_run_from_rank_zero(tmp_path, tiny_model, splits):
-    """The multi-GPU path (gpus > 1 runs torchrun) on CPU: two gloo ranks, one MLflow run."""
-    spec = make_spec(tmp_path, str(tiny_model), str(splits[0]), str(splits[1]), max_steps=12)
-    spec["hyperparameters"]["checkpoint_every_steps"] = 5
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    argv = [torchrun, "--standalone", "--nproc_per_node=2", *trainer_command(spec)[1:]]
-    env = child_env(tmp_path)
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
-    result = result_of(proc)
-    assert "[rank 0]" in proc.stderr
-    client = mlflow_client(spec)
-    experiment = client.get_experiment_by_name("tweet-sentiment")
-    (run,) = client.search_runs([experiment.experiment_id])
-    assert run.info.run_id == result["mlflow_run_id"] and run.info.status == "FINISHED"
-    assert result["global_step"] == 12
-    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
-
-
 def test_compute_metrics_on_a_known_confusion_matrix():
     """The promotion metric itself: macro F1 counts every class, including one never predicted."""
     import numpy as np
@@ -460,8 +441,8 @@ def test_a_champion_that_cannot_be_downloaded_is_unscorable(tmp_path):
 def test_with_two_processes_rank_zero_alone_scores_the_champion(tmp_path, tiny_model, splits, champion):
     """The other rank does not wait in a collective for a scoring it takes no part in."""
     spec = candidate_spec(tmp_path, champion, tiny_model, *splits)
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    argv = [torchrun, "--standalone", "--nproc_per_node=2", *trainer_command(spec)[1:]]
+    launcher = [sys.executable, "-m", "trainer.launcher", "--nproc-per-node=2", "--shutdown-timeout=30", "--"]
+    argv = [*launcher, *trainer_command(spec)[3:]]  # what a pod with 2 GPUs runs
     proc = subprocess.run(
         argv, env=child_env(tmp_path), capture_output=True, text=True, timeout=TIMEOUT_S, check=False
     )

@@ -49,18 +49,24 @@ class LaunchSpec:
             env=trainer_env(spec.identity.environment),
         )
 
-    def torchrun_argv(self, gpus: int, shutdown_timeout: int) -> tuple[str, ...]:
-        """torchrun with one worker per GPU, each running what ``argv`` runs after the interpreter.
+    def multi_gpu_argv(self, gpus: int, shutdown_timeout: int) -> tuple[str, ...]:
+        """``python -m trainer.launcher``: one rank per GPU, each running what ``argv`` runs.
 
-        torchrun SIGKILLs its workers 30 s after forwarding SIGTERM unless ``shutdown_timeout`` says
-        otherwise; the workers need that time to save and upload the checkpoint.
+        The launcher (``trainer/launcher.py``) is torch's elastic agent called in-process: the ranks
+        get ``shutdown_timeout`` seconds after SIGTERM to save and upload their checkpoint before they
+        are killed, and the process exits with the first failing rank's code (2 and 3 stay permanent,
+        143 stays a preemption), where ``torchrun`` would exit 1.
         """
+        python, flag, module, *args = self.argv
+        assert (flag, module) == ("-m", "trainer"), f"not a trainer command: {self.argv[:3]}"
         return (
-            "torchrun",
-            "--standalone",
-            f"--nproc_per_node={gpus}",
+            python,
+            "-m",
+            "trainer.launcher",
+            f"--nproc-per-node={gpus}",
             f"--shutdown-timeout={shutdown_timeout}",
-            *self.argv[1:],
+            "--",
+            *args,
         )
 
 

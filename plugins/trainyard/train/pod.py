@@ -53,13 +53,14 @@ def label_value(value: str) -> str:
 
 
 def launch_argv(pipeline: ResolvedPipeline, spec: RunSpec) -> tuple[str, ...]:
-    """``python -m trainer ...``, or torchrun with one process per GPU when the pod has several."""
+    """``python -m trainer ...``, or ``python -m trainer.launcher`` with one rank per GPU when the pod
+    has several (the pod then exits with the first failing rank's code)."""
     launch = LaunchSpec.for_run(spec)
     gpus = pipeline.config.resources.gpus
     if gpus > 1:
-        # The workers get the pod's grace period, less a margin, to checkpoint on SIGTERM.
+        # The ranks get the pod's grace period, less a margin, to checkpoint on SIGTERM.
         grace = pipeline.environment.kubernetes.termination_grace_period_seconds  # type: ignore[union-attr]
-        return launch.torchrun_argv(gpus, shutdown_timeout=max(grace - 15, 5))
+        return launch.multi_gpu_argv(gpus, shutdown_timeout=max(grace - 15, 5))
     return launch.argv
 
 
