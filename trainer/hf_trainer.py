@@ -1,5 +1,9 @@
 """``TrainyardTrainer``: the HF ``Trainer`` with what this project changes in it, in one place.
 
+The length-grouped sampler reads the lengths ``trainer.data.tokenize`` stored (``length``): the
+Trainer hands its sampler the dataset with the columns the model does not take already removed,
+so it would otherwise measure every row itself before the first step.
+
 Data-loader workers get their own process group. The elastic agent (``python -m trainer.launcher``,
 like ``torchrun``) starts each rank as a process-group leader and forwards SIGTERM to the whole
 group (``os.killpg``). A worker's SIGTERM handler (torch's ``DataLoader`` C handler) exits quietly
@@ -20,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from transformers import Trainer
+
+from trainer.speed import LENGTH_COLUMN
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,18 @@ def shield_workers(dataloader):
 
 
 class TrainyardTrainer(Trainer):
-    """The HF Trainer whose data-loader workers survive a SIGTERM sent to their rank's process group."""
+    """The HF Trainer whose length-grouped sampler reads the stored lengths, and whose data-loader
+    workers survive a SIGTERM sent to their rank's process group."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        # The same rows as the column-pruned dataset the Trainer passes, with their lengths.
+        if (
+            self.args.train_sampling_strategy == "group_by_length"
+            and self.train_dataset is not None
+            and LENGTH_COLUMN in getattr(self.train_dataset, "column_names", ())
+        ):
+            train_dataset = self.train_dataset
+        return super()._get_train_sampler(train_dataset)
 
     def get_train_dataloader(self):
         return shield_workers(super().get_train_dataloader())
