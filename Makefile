@@ -20,7 +20,7 @@ export TOKENIZERS_PARALLELISM := false
 
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-fast test-extended test-lifecycle test-system lint format bench bench-contention mlflow-ui clean
+.PHONY: help setup demo test test-fast test-extended test-lifecycle test-system lint format bench bench-contention bench-trainer gpu-check mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -75,6 +75,12 @@ bench: setup ## benchmarks: DAG parsing and data validation, each against its ba
 
 bench-contention: setup ## more runs than GPUs under Kueue vs. namespace quotas (~4 min; BENCH_ARGS=--quick: <3 min)
 	$(BIN)/python benchmarks/bench_contention.py $(BENCH_ARGS)
+
+bench-trainer: setup ## python -m trainer vs run_glue defaults vs tuned HF Trainer (~6 min on 2 cores; BENCH_ARGS=--quick: ~1 min)
+	$(BIN)/python benchmarks/bench_trainer.py --compare $(BENCH_ARGS)
+
+gpu-check: setup ## on an NVIDIA GPU node: throughput, precision, SIGTERM, checkpoints as JSON (<8 min; BENCH_ARGS=--dry-run on CPU)
+	bash benchmarks/gpu_check.sh $(BENCH_ARGS)
 
 mlflow-ui: setup ## open the local MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(TRAINYARD_HOME)/mlflow.db --port 5000

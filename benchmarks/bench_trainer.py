@@ -98,6 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--work", type=Path, default=None, help="keep the runs' files here (default: a temp dir)"
     )
+    parser.add_argument("--repeats", type=int, default=1, help="runs per configuration; the fastest counts")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON result here")
     return parser.parse_args(argv)
 

@@ -283,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exercise", action="store_true", help="also run the CUDA-only checks without CUDA")
     parser.add_argument("--only", help="comma-separated checks to run")
     parser.add_argument("--skip", help="comma-separated checks not to run")
+    parser.add_argument(
+        "--budget-scale",
+        type=float,
+        default=1.0,
+        help="multiply every check's time budget (a slower machine)",
+    )
     parser.add_argument("--keep-work", action="store_true", help="keep models, data and runs under OUT/work")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -324,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                 "reason": f"no time left: {elapsed:.0f} s spent of {NEW_CHECKS_UNTIL_S}",
             }
         else:
-            timeout = min(check.budget_s, TOTAL_LIMIT_S - elapsed)
+            timeout = min(
+                check.budget_s * args.budget_scale, TOTAL_LIMIT_S * max(1.0, args.budget_scale) - elapsed
+            )
             result = launch(check, ctx, timeout)
         result = {
             "status": result.get("status", FAIL),

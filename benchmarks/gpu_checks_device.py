@@ -12,7 +12,8 @@
   ``load_model`` with float32 weights, and a GradScaler step under fp16 autocast succeeds on the
   fp16 one (fp16 weights make ``unscale_`` raise).
 * ``attention`` (CUDA): forward + backward of a BERT-base classifier, batch 32 x 128, bf16 autocast,
-  SDPA vs eager, with a full and a padded mask. PASS when SDPA is not slower on the full mask.
+  SDPA vs eager, with a full and a padded mask. PASS when SDPA is not slower on the full mask
+  (``--exercise`` on CPU: tiny sizes, no threshold).
 * ``dataloader``: samples/s the trainer's kind of training loader delivers (length-grouped,
   dynamic padding, batches moved to the device) with 0 and 2 workers. On GPU PASS when the faster
   one feeds at least ``LOADER_FLOOR`` samples/s (twice the throughput target); on CPU it reports.
@@ -319,11 +320,12 @@ def check_attention(ctx: Context) -> dict[str, Any]:
         config, batch_size, length, iterations, warmup = BertConfig(num_labels=2), 32, 128, 30, 5
     else:
         config = BertConfig(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, num_labels=2
+            vocab_size=2000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128
         )
+        config.num_labels = 2
         batch_size, length, iterations, warmup = 4, 32, 2, 1
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(1000, config.vocab_size, (batch_size, length), generator=generator)
+    input_ids = torch.randint(100, config.vocab_size, (batch_size, length), generator=generator)
     lengths = torch.randint(length // 4, length + 1, (batch_size,), generator=generator)
     padded = (torch.arange(length)[None, :] < lengths[:, None]).long()
     masks = {"full": torch.ones_like(input_ids), "padded": padded}
@@ -351,8 +353,9 @@ def check_attention(ctx: Context) -> dict[str, Any]:
             torch.cuda.empty_cache()
     speedup = {m: timings["eager"][m] / timings["sdpa"][m] for m in masks}
     return {
-        "status": PASS if speedup["full"] >= 1.0 else FAIL,
-        "summary": f"sdpa {speedup['full']:.2f}x eager (full mask), {speedup['padded']:.2f}x (padded)",
+        "status": PASS if speedup["full"] >= 1.0 or not ctx.full_size else FAIL,
+        "summary": f"sdpa {speedup['full']:.2f}x eager (full mask), {speedup['padded']:.2f}x (padded)"
+        + ("" if ctx.full_size else "; tiny sizes on CPU: no threshold"),
         "ms_per_fwd_bwd": timings,
         "sdpa_speedup": speedup,
         "shape": [batch_size, length],

@@ -280,7 +280,7 @@ def _interrupted_run(
 
 
 def check_sigterm(ctx: Context) -> dict[str, Any]:
-    steps = 400 if ctx.full_size else 60
+    steps = 400 if ctx.full_size else 30
     first = _interrupted_run(ctx, "sigterm", [sys.executable, "-m", "trainer"], steps)
     problems = []
     if first["exit_code"] != 143:
@@ -340,7 +340,7 @@ def check_torchrun_sigterm(ctx: Context) -> dict[str, Any]:
         "--",
     ]
     run = _interrupted_run(
-        ctx, "torchrun-sigterm", command, 400 if ctx.full_size else 60, dataloader_workers=2
+        ctx, "torchrun-sigterm", command, 400 if ctx.full_size else 30, dataloader_workers=2
     )
     problems = []
     if run["exit_code"] != 143:
