@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -278,10 +279,22 @@ class CheckpointStore:
 
 
 class MirrorCallback(TrainerCallback):
-    """Uploads each checkpoint to the ``s3://`` checkpoint root right after the Trainer saved it."""
+    """Uploads each checkpoint to the ``s3://`` checkpoint root once the Trainer saved it, in a
+    background thread on rank 0, so that the ranks train on while it uploads (they used to wait in
+    the next collective for the whole upload).
+
+    One upload at a time: each save first waits for the previous upload, and the end of training
+    (also the stop after SIGTERM) waits for the last one, so a relaunch, the final-checkpoint guard
+    and the clean-up after the run never meet an upload in flight. The files are never changed
+    while they upload: a checkpoint is written once, and the Trainer's rotation (``save_total_limit``
+    2) removes only checkpoints older than the one before the newest. An upload that failed fails
+    the run at that next wait, as a failed upload in the training loop did before.
+    """
 
     def __init__(self, store: CheckpointStore) -> None:
         self.store = store
+        self._upload: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def on_save(self, args, state, control, **kwargs):
         if args.world_size > 1:
@@ -290,5 +303,29 @@ class MirrorCallback(TrainerCallback):
             # Every rank writes its own RNG state into the checkpoint: upload only once all have.
             dist.barrier()
         if state.is_world_process_zero:
-            self.store.upload(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            self.wait()
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            self._upload = threading.Thread(
+                target=self._send, args=(checkpoint,), name=f"upload-{checkpoint.name}"
+            )
+            self._upload.start()
         return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.wait()
+        return control
+
+    def _send(self, checkpoint: Path) -> None:
+        try:
+            self.store.upload(checkpoint)
+        except BaseException as error:  # raised in the training thread, at the next wait
+            self._error = error
+
+    def wait(self) -> None:
+        """Until the upload in flight (if any) is done; raises what it failed with."""
+        if self._upload is not None:
+            self._upload.join()
+            self._upload = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"Uploading a checkpoint to {self.store.root} failed: {error}") from error

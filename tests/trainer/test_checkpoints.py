@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -107,3 +109,70 @@ def test_s3_data_model_and_checkpoints(tmp_path, tiny_model, splits, s3):
     assert store.read_run_id() == result["mlflow_run_id"]
     store.remove()
     assert not fs.exists("trainyard/checkpoints/run-1")
+
+
+class GatedStore:
+    """A stand-in for ``CheckpointStore`` whose upload waits for the test to let it finish: the
+    callback's threading is under test here (real uploads to S3: the tests above)."""
+
+    root = "s3://trainyard/checkpoints/run-1"
+
+    def __init__(self, fail: bool = False) -> None:
+        self.release = threading.Event()
+        self.started: list[str] = []
+        self.finished: list[str] = []
+        self.fail = fail
+
+    def upload(self, checkpoint):
+        self.started.append(checkpoint.name)
+        assert self.release.wait(timeout=20)
+        if self.fail:
+            raise OSError("connection reset")
+        self.finished.append(checkpoint.name)
+
+
+def _save(callback, args, step: int) -> None:
+    from transformers import TrainerControl, TrainerState
+
+    callback.on_save(args, TrainerState(global_step=step), TrainerControl())
+
+
+def test_checkpoints_upload_in_the_background_one_at_a_time(tmp_path):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from trainer.checkpoints import MirrorCallback
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    store = GatedStore()
+    callback = MirrorCallback(store)
+    _save(callback, args, 10)  # returns with the upload still running: training goes on
+    deadline = time.monotonic() + 10
+    while not store.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.started == ["checkpoint-10"] and store.finished == []
+
+    second = threading.Thread(target=_save, args=(callback, args, 20))
+    second.start()
+    time.sleep(0.3)
+    assert second.is_alive() and store.started == ["checkpoint-10"], "the next save waits for it"
+    store.release.set()
+    second.join(timeout=10)
+    callback.on_train_end(args, TrainerState(global_step=20), TrainerControl())  # waits for the last
+    assert store.finished == ["checkpoint-10", "checkpoint-20"]
+
+
+def test_a_failed_background_upload_fails_training_at_the_next_wait(tmp_path):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from trainer.checkpoints import MirrorCallback
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    store = GatedStore(fail=True)
+    store.release.set()
+    callback = MirrorCallback(store)
+    _save(callback, args, 10)
+    with pytest.raises(
+        RuntimeError,
+        match=r"Uploading a checkpoint to s3://trainyard/checkpoints/run-1 failed: connection reset",
+    ):
+        callback.on_train_end(args, TrainerState(global_step=10), TrainerControl())
