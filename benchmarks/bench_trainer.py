@@ -52,6 +52,7 @@ sys.path[:0] = [str(ROOT), str(HERE)]
 import bench_inputs  # noqa: E402
 
 CONFIGS = ("hf_default", "hf_tuned", "ours")
+DATASETS = ("tweets", "long")
 LABELS = {
     "hf_default": "(a) run_glue defaults",
     "hf_tuned": "(b) HF Trainer, tuned",
@@ -98,6 +99,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--work", type=Path, default=None, help="keep the runs' files here (default: a temp dir)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads per run (OMP_NUM_THREADS); default: torch's, all cores",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration; the fastest counts")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON result here")
     return parser.parse_args(argv)
@@ -133,20 +140,28 @@ def plan(args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
         steps, warmup, long_length, validation = 30, 4, 256, None
     if model == "tiny":
         long_length = 128  # the tiny BERT's position limit
-    datasets = args.datasets or ("tweets" if args.quick else "tweets,long")
+    datasets = [d.strip() for d in (args.datasets or ("tweets" if args.quick else "tweets,long")).split(",")]
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for option, given, known in (("--datasets", datasets, DATASETS), ("--configs", configs, CONFIGS)):
+        unknown = [v for v in given if v not in known]
+        if unknown or not given:
+            raise SystemExit(
+                f"{option}: {', '.join(unknown) or 'none given'}; expected some of {', '.join(known)}"
+            )
     return {
         "model": model,
         "steps": args.steps or steps,
         "warmup_steps": args.warmup if args.warmup is not None else warmup,
-        "long_steps": args.steps or (steps if cuda else max(warmup + 4, steps // 3)),
+        "long_steps": args.steps or (steps // 2 if cuda else max(warmup + 4, steps // 3)),
         "batch_size": args.batch_size or Hyperparameters().batch_size,
         "tweets_max_length": args.max_length or 128,
         "long_max_length": args.max_length or long_length,
         "validation_rows": args.validation_rows or validation,
         "train_rows": args.train_rows,
         "repeats": max(1, args.repeats),
-        "datasets": [d.strip() for d in datasets.split(",") if d.strip()],
-        "configs": [c.strip() for c in args.configs.split(",") if c.strip()],
+        "threads": args.threads,
+        "datasets": datasets,
+        "configs": configs,
     }
 
 
@@ -159,16 +174,20 @@ def build_dataset(name: str, work: Path, settings: dict[str, Any]) -> bench_inpu
         return bench_inputs.long_texts(
             work / "data", settings["long_max_length"], settings["validation_rows"]
         )
-    raise SystemExit(f"--datasets: unknown dataset {name!r}; expected tweets or long")
+    raise ValueError(f"unknown dataset {name!r}")
 
 
 # -- running one configuration -------------------------------------------------------------------------
 
 
-def child_env(work: Path) -> dict[str, str]:
-    """The same environment for every configuration: offline, no telemetry, one scratch space."""
+def child_env(work: Path, threads: int | None = None) -> dict[str, str]:
+    """The same environment for every configuration: offline, no telemetry, one scratch space; and
+    ``threads`` CPU threads if given (on a machine other work keeps busy, one thread per process is
+    steadier: two threads wait on each other whenever a core is taken)."""
+    pinned = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
     return {
         **os.environ,
+        **pinned,
         "HF_HOME": str(work / "hf-home"),
         "HF_HUB_OFFLINE": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -337,7 +356,7 @@ def compare_dataset(name: str, work: Path, settings: dict[str, Any], model: Path
     warmup = (
         settings["warmup_steps"] if name == "tweets" else min(settings["warmup_steps"], max(1, steps // 4))
     )
-    env = child_env(work)
+    env = child_env(work, settings["threads"])
     tries: dict[str, list[dict[str, Any]]] = {kind: [] for kind in settings["configs"]}
     for repeat in range(settings["repeats"]):
         for kind in settings["configs"]:
@@ -506,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_steps": primary["warmup_steps"],
         "batch_size": settings["batch_size"],
         "hf_default_batch_size": HF_DEFAULT_BATCH,
+        "threads_per_run": settings["threads"] or where.get("torch_threads"),
+        "repeats": settings["repeats"],
         **top,
         "targets": {},
         "datasets": per_dataset,

@@ -170,34 +170,18 @@ def child_env(ctx: Context) -> dict[str, str]:
     return env
 
 
-def launch(check: Check, ctx: Context, timeout_s: float) -> dict[str, Any]:
-    """Run one check in a forked child, its own process group, killed (the group: trainers it started
-    too) when over ``timeout_s``. Forked, not spawned: the parent imported torch, transformers and
-    MLflow once (without touching CUDA), so a check starts at once instead of paying the imports."""
+def launch(check: Check, ctx: Context, timeout_s: float, *, spawn: bool = False) -> dict[str, Any]:
+    """Run one check in a child process, its own process group, killed (the group: trainers it
+    started too) when over ``timeout_s``. Forked by default: the parent imported torch, transformers
+    and MLflow once, so a check starts at once instead of paying the imports; ``spawn`` starts a
+    fresh interpreter instead (where a forked child cannot use CUDA, see ``fork_can_use_cuda``)."""
     log = ctx.out / "logs" / f"{check.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     (ctx.out / "checks" / f"{check.name}.json").unlink(missing_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     started = time.monotonic()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns
-        code = 1
-        try:
-            os.setsid()
-            handle = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(handle, 1)
-            os.dup2(handle, 2)
-            os.environ.update(child_env(ctx))
-            if ctx.dry_run:
-                import torch
-
-                torch.set_num_threads(1)  # tiny models: threads only contend on a shared machine
-            code = run_one(check.name, ctx)
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+    pid = _spawn(check, ctx, log) if spawn else _fork(check, ctx, log)
     status = _wait(pid, timeout_s)
     _kill_group(pid)  # anything it left running
     if status is None:
@@ -212,6 +196,61 @@ def launch(check: Check, ctx: Context, timeout_s: float) -> dict[str, Any]:
         tail = log.read_text(errors="replace")[-1500:]
         return {"status": FAIL, "reason": f"the check process ended ({status}) without a result: {tail}"}
     return result
+
+
+def _fork(check: Check, ctx: Context, log: Path) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1  # the child: never returns
+    try:
+        os.setsid()
+        handle = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(handle, 1)
+        os.dup2(handle, 2)
+        os.environ.update(child_env(ctx))
+        if ctx.dry_run:
+            import torch
+
+            torch.set_num_threads(1)  # tiny models: threads only contend on a shared machine
+        code = run_one(check.name, ctx)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _spawn(check: Check, ctx: Context, log: Path) -> int:
+    command = [sys.executable, str(Path(__file__).resolve()), "--run-one", check.name, "--out", str(ctx.out)]
+    command += ["--dry-run"] * ctx.dry_run + ["--exercise"] * ctx.exercise
+    with log.open("w") as handle:
+        proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**os.environ, **child_env(ctx)},
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return proc.pid
+
+
+def fork_can_use_cuda() -> bool:
+    """Whether a child forked from this process can use the GPU: not if an import here initialised
+    the CUDA driver (fork and CUDA do not mix). Probed once with a tensor on the GPU."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            import torch
+
+            code = 0 if torch.ones(1, device="cuda").sum().item() == 1 else 1
+        except BaseException:
+            pass
+        finally:
+            os._exit(code)
+    status = _wait(pid, 60)
+    return status is not None and os.waitstatus_to_exitcode(status) == 0
 
 
 def _wait(pid: int, timeout_s: float) -> int | None:
@@ -290,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         help="multiply every check's time budget (a slower machine)",
     )
     parser.add_argument("--keep-work", action="store_true", help="keep models, data and runs under OUT/work")
+    parser.add_argument(
+        "--spawn", action="store_true", help="a fresh interpreter per check instead of a fork"
+    )
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     out = args.out.resolve()
@@ -308,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(out, dry_run, bool(gpu["cuda"]) and not dry_run, args.exercise)
     checks = select(registry(), args.only, args.skip)
     preimport()
+    spawn = args.spawn or (ctx.cuda and not fork_can_use_cuda())
     shutil.rmtree(out / "checks", ignore_errors=True)
     report: dict[str, Any] = {
         "schema": 1,
@@ -317,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": gpu,
         "limits_s": {"new_checks_until": NEW_CHECKS_UNTIL_S, "total": TOTAL_LIMIT_S},
         "order": [c.name for c in checks],
+        "checks_started_by": "spawn" if spawn else "fork",
         "checks": {},
     }
     print(f"gpu_check: {len(checks)} checks on {gpu['name']}, results in {out}", file=sys.stderr)
@@ -333,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             timeout = min(
                 check.budget_s * args.budget_scale, TOTAL_LIMIT_S * max(1.0, args.budget_scale) - elapsed
             )
-            result = launch(check, ctx, timeout)
+            result = launch(check, ctx, timeout, spawn=spawn)
         result = {
             "status": result.get("status", FAIL),
             "budget_s": check.budget_s,

@@ -146,7 +146,8 @@ def check_env(ctx: Context) -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name()
         info["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
         info["gpu_count"] = torch.cuda.device_count()
-        info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        nccl = torch.cuda.nccl.version()  # a tuple in current torch, an int in older ones
+        info["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
         info["nvidia_smi"] = _nvidia_smi()
     info["tf32_default"] = _tf32_flags(torch)
     with tempfile.TemporaryDirectory() as scratch:
