@@ -1,4 +1,5 @@
-"""How the trainer is started: one launch description for the local process and the Kubernetes pod.
+"""How the trainer is started: one launch description for the local process and the Kubernetes pod
+(``python -m trainer``; a pod with several GPUs runs one rank per GPU under ``trainer.launcher``).
 
 The run spec travels as one JSON argv element, never through a shell: no
 value from YAML or conf can be interpreted as a command.
