@@ -30,8 +30,9 @@ class WeightedLoss:
     """A ``compute_loss_func`` for the HF Trainer: class-weighted cross-entropy while the model
     trains, the plain one while it evaluates. ``model`` is set once the Trainer holds it.
 
-    The Trainer passes ``num_items_in_batch`` (the labelled rows of the whole accumulated batch,
-    over all ranks): the sum divided by it is already scaled for gradient accumulation.
+    The Trainer passes ``num_items_in_batch``, the labelled rows of this rank's accumulated batch
+    (``average_tokens_across_devices`` is off): the sum divided by it is this rank's mean over the
+    accumulated batch, already scaled for gradient accumulation; DDP averages the ranks.
     """
 
     def __init__(self, weights: Sequence[float]) -> None:

@@ -161,7 +161,7 @@ def _optional_quantity(value: Any) -> str | None:
 class Resources(StrictModel):
     """The training pod's size. cpu, memory and shm_size left out (null) scale with ``gpus``."""
 
-    gpus: int = Field(1, ge=0, le=64, description="GPUs per training pod (torchrun when > 1).")
+    gpus: int = Field(1, ge=0, le=64, description="GPUs per training pod (one rank per GPU when > 1).")
     gpu_type: str | None = Field(None, description="Key into the environment's GPU node-selector map.")
     cpu: str | None = Field(
         None, description="CPU request and limit (Kubernetes quantity); null = 4 per GPU (4 without GPUs)."
