@@ -255,7 +255,11 @@ def trainer_reported(tracking_uri: str, run_id: str | None) -> dict[str, Any]:
         data = MlflowClient(tracking_uri).get_run(run_id).data
     except Exception as error:  # a benchmark must still report its own timing
         return {"error": f"reading MLflow run {run_id}: {error}"}
-    metrics = {k: v for k, v in data.metrics.items() if any(mark in k for mark in TRAINER_METRIC_MARKS)}
+    metrics = {
+        k: v
+        for k, v in data.metrics.items()
+        if any(mark in k for mark in TRAINER_METRIC_MARKS) and not k.startswith("eval_")
+    }
     params = {k: v for k, v in data.params.items() if k.startswith("speed.") or k == "precision_effective"}
     return {"metrics": metrics, "params": params}
 

