@@ -75,14 +75,76 @@ def test_close_reports_what_could_not_be_sent_within_its_time():
     assert time.monotonic() - started < 3
 
 
+class SwitchableProxy:
+    """A TCP proxy in front of the tracking server that can refuse service at once and restore it
+    at once (a restarted server takes tens of seconds on a busy machine, longer than a short run
+    trains). ``cut()`` drops every open connection and closes each new one unanswered, as a dead
+    server's would be; ``restore()`` serves again."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+
+        self.target_port = target_port
+        self.down = False
+        self.open: set = set()
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self) -> None:
+        with self.lock:
+            self.down = True
+            for sock in self.open:
+                sock.close()
+            self.open.clear()
+
+    def restore(self) -> None:
+        self.down = False
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.down:
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self.lock:
+                self.open |= {client, upstream}
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink) -> None:
+        try:
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            source.close()
+            sink.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
 @pytest.mark.extended
 def test_a_tracking_server_outage_during_training_does_not_stop_it(tmp_path, tiny_model, splits):
-    """The server goes down after the run's params are logged and comes back before training ends:
-    the run finishes, FINISHED, with the step metrics of the outage sent late (MLflow's own client
-    retries are cut to one here, so the test measures our queue, not the client's backoff)."""
-    port = svc.free_port()
+    """The real MLflow server becomes unreachable after the run's params are logged and reachable
+    again before training ends: the run finishes, FINISHED, with the step metrics of the outage
+    sent late (MLflow's own client retries are cut to one here, so the test measures our queue,
+    not the client's backoff)."""
     with svc.Services(tmp_path / "logs") as services:
-        url = svc.start_mlflow(services, port, tmp_path / "mlflow.db", str(tmp_path / "artifacts"), {})
+        svc.start_mlflow(services, svc.free_port(), tmp_path / "mlflow.db", str(tmp_path / "artifacts"), {})
+        server_port = int(services.started["mlflow"].argv[-1])
+        proxy = SwitchableProxy(server_port)
+        url = f"http://127.0.0.1:{proxy.port}"
         spec = make_spec(tmp_path, str(tiny_model), str(splits[0]), str(splits[1]), max_steps=500)
         spec["mlflow"].update(tracking_uri=url, artifact_location=None)
         env = child_env(tmp_path, MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
@@ -92,27 +154,29 @@ def test_a_tracking_server_outage_during_training_does_not_stop_it(tmp_path, tin
         stderr: list[str] = []
         reader = threading.Thread(target=lambda: stderr.extend(iter(proc.stderr.readline, "")), daemon=True)
         reader.start()
-        wait(
-            lambda: any("step " in line and "/500" in line for line in stderr) or proc.poll() is not None,
-            300,
-        )
-        assert proc.poll() is None, "".join(stderr)[-3000:]
-
-        services.stop("mlflow")
-        wait(
-            lambda: any("MLflow metrics not sent" in line for line in stderr) or proc.poll() is not None, 120
-        )
-        assert proc.poll() is None, "training goes on while the server is down:\n" + "".join(stderr)[-3000:]
-        svc.start_mlflow(services, port, tmp_path / "mlflow.db", str(tmp_path / "artifacts"), {})
-        assert proc.poll() is None, "the outage must end before training does (raise max_steps)"
-
-        stdout, _ = proc.communicate(timeout=600)
+        try:
+            wait(lambda: any("step 1/500" in line for line in stderr) or proc.poll() is not None, 300)
+            assert proc.poll() is None, "".join(stderr)[-3000:]
+            proxy.cut()
+            wait(
+                lambda: any("MLflow metrics not sent" in line for line in stderr) or proc.poll() is not None,
+                300,
+            )
+            assert proc.poll() is None, (
+                "training goes on while the server is down:\n" + "".join(stderr)[-3000:]
+            )
+            proxy.restore()
+            stdout, _ = proc.communicate(timeout=600)
+        finally:
+            proxy.close()
+            if proc.poll() is None:
+                proc.kill()
         reader.join(timeout=10)
         result = result_of(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, "".join(stderr)))
 
         import mlflow
 
-        client = mlflow.MlflowClient(tracking_uri=url)
+        client = mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{server_port}")
         run = client.get_run(result["mlflow_run_id"])
         assert run.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
