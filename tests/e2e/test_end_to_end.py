@@ -161,7 +161,8 @@ def test_a_timed_out_train_task_stops_its_trainer_with_a_checkpoint(workspace, t
     assert timeout, "the task failed with Airflow's execution timeout, not another error"
     timed_out = output.find("Process timed out")
     assert 0 <= timed_out < output.index("Stopping the trainer"), "the timeout is what stopped the trainer"
-    assert re.search(r"trainer\.efficiency: step \d+/", output[:timed_out]), "the timeout fired during training"
+    during_training = re.search(r"trainer\.efficiency: step \d+/", output[:timed_out])
+    assert during_training, "the timeout fired during training"
     leftovers = [
         p.info["pid"]
         for p in psutil.process_iter(["pid", "cmdline"])
