@@ -135,7 +135,7 @@ def plan(args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
     if cuda:
         steps, warmup, long_length, validation = 300, 30, 512, None
     elif args.quick:
-        steps, warmup, long_length, validation = 6, 1, 256, 200
+        steps, warmup, long_length, validation = 5, 1, 256, 100
     else:
         steps, warmup, long_length, validation = 30, 4, 256, None
     if model == "tiny":
@@ -509,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
+    measured_at = commit()  # the trainer the runs will import, before anything else can change it
     where = device()
     cuda = where["device"] == "cuda"
     settings = plan(args, cuda)
@@ -534,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         **top,
         "targets": {},
         "datasets": per_dataset,
-        "commit": commit(),
+        "commit": measured_at,
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
