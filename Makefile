@@ -76,7 +76,7 @@ bench: setup ## benchmarks: DAG parsing and data validation, each against its ba
 bench-contention: setup ## more runs than GPUs under Kueue vs. namespace quotas (~4 min; BENCH_ARGS=--quick: <3 min)
 	$(BIN)/python benchmarks/bench_contention.py $(BENCH_ARGS)
 
-bench-trainer: setup ## python -m trainer vs run_glue defaults vs tuned HF Trainer (~6 min on 2 cores; BENCH_ARGS=--quick: ~1 min)
+bench-trainer: setup ## python -m trainer vs run_glue defaults vs tuned HF Trainer (~11 min on 2 cores; BENCH_ARGS=--quick: ~2 min)
 	$(BIN)/python benchmarks/bench_trainer.py --compare $(BENCH_ARGS)
 
 gpu-check: setup ## on an NVIDIA GPU node: throughput, precision, SIGTERM, checkpoints as JSON (<8 min; BENCH_ARGS=--dry-run on CPU)

@@ -1,7 +1,7 @@
 """Training throughput: ``python -m trainer`` with its defaults against plain HuggingFace ``Trainer``.
 
     .venv/bin/python benchmarks/bench_trainer.py --compare            # full: tweets + long texts
-    .venv/bin/python benchmarks/bench_trainer.py --compare --quick    # ~1 min on 2 CPU cores
+    .venv/bin/python benchmarks/bench_trainer.py --compare --quick    # ~2 min on 2 CPU cores
     make bench-trainer BENCH_ARGS=--quick
 
 Three configurations train the same model on the same data for the same number of optimizer steps,
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--compare", action="store_true", help="run the comparison (the default; kept for the docs)"
     )
     parser.add_argument(
-        "--quick", action="store_true", help="tweets only, a few steps: about a minute on 2 cores"
+        "--quick", action="store_true", help="tweets only, 5 steps: about 2 minutes on 2 cores"
     )
     parser.add_argument("--model", choices=["auto", *bench_inputs.MODELS], default="auto")
     parser.add_argument(
