@@ -170,7 +170,9 @@ def child_env(ctx: Context) -> dict[str, str]:
     return env
 
 
-def launch(check: Check, ctx: Context, timeout_s: float, *, spawn: bool = False) -> dict[str, Any]:
+def launch(
+    check: Check, ctx: Context, timeout_s: float, *, spawn: bool = False, capped: bool = False
+) -> dict[str, Any]:
     """Run one check in a child process, its own process group, killed (the group: trainers it
     started too) when over ``timeout_s``. Forked by default: the parent imported torch, transformers
     and MLflow once, so a check starts at once instead of paying the imports; ``spawn`` starts a
@@ -188,7 +190,11 @@ def launch(check: Check, ctx: Context, timeout_s: float, *, spawn: bool = False)
         return {
             **(ctx.result_of(check.name) or {}),
             "status": FAIL,
-            "reason": f"over its time budget: killed after {timeout_s:.0f} s",
+            "reason": (
+                f"stopped at the overall time limit after {timeout_s:.0f} s (its budget had more left)"
+                if capped
+                else f"over its time budget: killed after {timeout_s:.0f} s"
+            ),
             "elapsed_s": round(time.monotonic() - started, 2),
         }
     result = ctx.result_of(check.name)
@@ -375,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         elif elapsed > NEW_CHECKS_UNTIL_S * stretch:
             result = {"status": SKIP, "reason": f"no time left: {elapsed:.0f} s spent"}
         else:
-            timeout = min(check.budget_s * args.budget_scale, TOTAL_LIMIT_S * stretch - elapsed)
-            result = launch(check, ctx, timeout, spawn=spawn)
+            budget = check.budget_s * args.budget_scale
+            timeout = min(budget, TOTAL_LIMIT_S * stretch - elapsed)
+            result = launch(check, ctx, timeout, spawn=spawn, capped=timeout < budget)
         result = {
             "status": result.get("status", FAIL),
             "budget_s": round(check.budget_s * args.budget_scale, 3),
