@@ -3,7 +3,7 @@ minutes, writing every result as JSON.
 
     benchmarks/gpu_check.sh                      # results in $OUT, else ./gpu-check-out
     benchmarks/gpu_check.sh --out /tmp/gpu --only env,attention
-    benchmarks/gpu_check.sh --dry-run            # the whole flow on CPU, tiny sizes (~2 min)
+    benchmarks/gpu_check.sh --dry-run            # the whole flow on CPU, tiny sizes (~3 min, 2 cores)
 
 Each check runs in its own process, forked from one that has imported the libraries (a crash, a
 hung CUDA call or a leaked GPU allocation stays in it), under its own time budget, killed with its

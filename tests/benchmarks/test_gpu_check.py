@@ -99,7 +99,7 @@ def test_the_attention_check_runs_on_cpu(tmp_path):
 
 @pytest.mark.extended
 def test_dry_run_goes_through_every_check(tmp_path):
-    """The whole flow on CPU with tiny models (~3-5 min on 2 busy cores: eight trainer processes)."""
+    """The whole flow on CPU with tiny models (~3 min on 2 cores, 5 when busy: six training processes)."""
     out = tmp_path / "out"
     proc = _run(["--dry-run", "--budget-scale", "3", "--out", str(out)], 1500, GPU_CHECK_TIMEOUT_S="1450")
     report = _report(out)
