@@ -203,9 +203,7 @@ class Tracker:
             return
         import mlflow
 
-        numeric = {
-            k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
-        }
+        numeric = _numeric(metrics)
         if numeric:
             mlflow.log_metrics(numeric, step=step)
 
@@ -214,9 +212,7 @@ class Tracker:
         so an unreachable tracking server delays them but never stalls or fails training."""
         if not self.enabled or self._steps is None:
             return
-        numeric = {
-            k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
-        }
+        numeric = _numeric(metrics)
         if numeric:
             self._steps.put(numeric, step)
 
@@ -326,6 +322,11 @@ def _end_failed(tracker: Tracker, store: CheckpointStore, error: BaseException, 
         tracker.end("KILLED" if isinstance(error, Terminated | KeyboardInterrupt) else "FAILED")
     except Exception:
         logger.exception("Could not record the failure on the MLflow run")
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    """The values MLflow can take as metrics (numbers; a bool is not one)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def _gpu_present() -> bool:
